@@ -1,0 +1,66 @@
+"""The solver configuration: one frozen, validated dataclass shared by every method.
+
+Fields only some methods read are ignored by the others (``block_size`` and the BCD settings
+are ARMOR's; ``sparsegpt_*`` are SparseGPT's). ``PRESETS`` holds the named settings; "paper" is
+the official replication setting (b = 128, 20000 iterations).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SELECTIONS = ("gradient-random", "gradient-greedy", "uniform")
+CONTINUOUS = ("adam", "none")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    method: str = "armor"
+    block_size: int = 32
+    iterations: int = 300
+    lr: float = 1e-4
+    selection: str = "gradient-random"
+    continuous: str = "adam"
+    patience: int = 100
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    seed: int = 0
+    reset_adam_on_mask_change: bool = False
+    sparsegpt_block: int = 128
+    sparsegpt_damp: float = 0.01
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size % 4:
+            raise ValueError(f"block_size must be a positive multiple of 4, got {self.block_size}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.continuous not in CONTINUOUS:
+            raise ValueError(f"continuous must be one of {CONTINUOUS}, got {self.continuous!r}")
+        if self.patience <= 0:
+            raise ValueError(f"patience must be > 0, got {self.patience}")
+        if self.sparsegpt_block <= 0 or self.sparsegpt_block % 4:
+            raise ValueError(f"sparsegpt_block must be a positive multiple of 4, got {self.sparsegpt_block}")
+        if not self.sparsegpt_damp >= 0:
+            raise ValueError(f"sparsegpt_damp must be >= 0, got {self.sparsegpt_damp}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SolverConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown solver option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS = {
+    "cpu": {"block_size": 32, "iterations": 300},
+    "paper": {"block_size": 128, "iterations": 20000},
+}

@@ -1,0 +1,92 @@
+"""The closed set of pruning methods, each with the statistics it needs and one entry point.
+
+``solve(method, problems, cfg)`` takes a list of ``Problem`` (one linear each) and returns one
+``LayerResult`` per problem, in order. Taking a list lets a method batch problems of the same
+shape (ARMOR does). Every result carries the proxy loss of the NoWag-P start and of its own
+factors, so methods are comparable on one scale.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from solver.baselines import magnitude_score, nowag_score, prune_by_score, wanda_score
+from solver.config import SolverConfig
+from solver.factors import Factorization, LayerResult, SolveReport
+from solver.objective import proxy_loss
+from solver.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    W: torch.Tensor  # [d_out, d_in] fp32
+    stats: LayerStats | None  # None only for methods that need no calibration
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs: str  # "none" | "diag" | "full"
+    uses_wrappers: bool
+    run: Callable[[list[Problem], SolverConfig], list[LayerResult]]
+
+
+def _mask_only(score_fn) -> Callable[[list[Problem], SolverConfig], list[LayerResult]]:
+    def run(problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+        out = []
+        for p in problems:
+            t0 = time.perf_counter()
+            h = p.stats.h if p.stats is not None else None
+            S, _ = prune_by_score(p.W, score_fn(p.W, h))
+            seconds = time.perf_counter() - t0
+            if h is not None:
+                start = proxy_loss(p.W, prune_by_score(p.W, nowag_score(p.W, h))[0], h)
+                final = proxy_loss(p.W, S, h)
+            else:
+                start = final = None
+            out.append(LayerResult(Factorization(S), SolveReport(start, final, 0, seconds)))
+        return out
+
+    return run
+
+
+def _sparsegpt(problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+    from solver.sparsegpt import solve_layers
+
+    return solve_layers(problems, cfg)
+
+
+def _armor(problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+    from solver.armor import solve_layers
+
+    return solve_layers(problems, cfg)
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method("magnitude", "none", False, _mask_only(magnitude_score)),
+    "wanda": Method("wanda", "diag", False, _mask_only(wanda_score)),
+    "nowag": Method("nowag", "diag", False, _mask_only(nowag_score)),
+    "sparsegpt": Method("sparsegpt", "full", False, _sparsegpt),
+    "armor": Method("armor", "diag", True, _armor),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def solve(method: str, problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+    m = get_method(method)
+    for p in problems:
+        if m.needs != "none" and p.stats is None:
+            raise ValueError(f"{p.name}: method {method!r} needs calibration statistics")
+        if m.needs == "full" and p.stats.H is None:
+            raise ValueError(f"{p.name}: method {method!r} needs the full input Hessian (calibrate with full stats)")
+    return m.run(problems, cfg)

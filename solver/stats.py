@@ -1,0 +1,90 @@
+"""Streaming calibration statistics of one linear layer's input, in fp32.
+
+Both accumulators keep a count-weighted running mean, exact for any split into batches:
+    h <- h . n/(n+m) + (2/(n+m)) . sum_t x_t^2           (DiagAccumulator, h = diag(2 X^T X / N))
+    H <- H . n/(n+m) + (2/(n+m)) . X_new^T X_new          (HessianAccumulator, H = 2 X^T X / N)
+Non-finite activations are counted and excluded (their tokens are dropped), never averaged in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _flatten_finite(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    X = x.detach().reshape(-1, x.shape[-1]).float()
+    finite = torch.isfinite(X).all(dim=1)
+    dropped = int((~finite).sum())
+    if dropped:
+        X = X[finite]
+    return X, dropped
+
+
+class DiagAccumulator:
+    """h = diag(2 X^T X / N) over every token seen."""
+
+    def __init__(self, d_in: int, device=None):
+        self.h = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.n = 0
+        self.dropped = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        X, dropped = _flatten_finite(x)
+        self.dropped += dropped
+        m = X.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.h.mul_(self.n / total).add_(X.pow(2).sum(0), alpha=2.0 / total)
+        self.n = total
+
+
+class HessianAccumulator:
+    """H = 2 X^T X / N over every token seen (also provides h = diag(H))."""
+
+    def __init__(self, d_in: int, device=None):
+        self.H = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+        self.n = 0
+        self.dropped = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        X, dropped = _flatten_finite(x)
+        self.dropped += dropped
+        m = X.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.H.mul_(self.n / total).addmm_(X.T, X, alpha=2.0 / total)
+        self.n = total
+
+    @property
+    def h(self) -> torch.Tensor:
+        return torch.diagonal(self.H).clone()
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What a solver may read about one layer's inputs: h [d_in], optionally H [d_in, d_in]."""
+
+    h: torch.Tensor
+    n_tokens: int
+    H: torch.Tensor | None = None
+    dropped_tokens: int = 0
+
+
+def repair_h(h: torch.Tensor, name: str = "layer") -> tuple[torch.Tensor, int]:
+    """Replace non-finite or <= 0 entries of h by the mean of the valid ones; return (h, n_replaced).
+
+    Raises when no entry is valid (the layer saw no usable activations)."""
+    valid = torch.isfinite(h) & (h > 0)
+    n_bad = int((~valid).sum())
+    if n_bad == 0:
+        return h, 0
+    if not bool(valid.any()):
+        raise ValueError(
+            f"{name}: every input channel has zero or non-finite calibration energy; the calibration data "
+            f"never reached this layer with usable activations (check the corpus and the model weights)."
+        )
+    fixed = torch.where(valid, h, h[valid].mean())
+    return fixed, n_bad
