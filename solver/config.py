@@ -29,6 +29,7 @@ class SolverConfig:
     sparsegpt_block: int = 128
     sparsegpt_damp: float = 0.01
     device: str = "cpu"
+    max_batch: int = 64  # ARMOR: at most this many same-shaped layers solved together (1 = one by one)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:
@@ -47,6 +48,8 @@ class SolverConfig:
             raise ValueError(f"sparsegpt_block must be a positive multiple of 4, got {self.sparsegpt_block}")
         if not self.sparsegpt_damp >= 0:
             raise ValueError(f"sparsegpt_damp must be >= 0, got {self.sparsegpt_damp}")
+        if self.max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,215 @@
+"""The ARMOR solver: NoWag-P start, then block coordinate descent (armor-algorithm.md sections 3-5).
+
+``solve_layers(problems, cfg)`` groups the problems by shape and solves each group as one batch
+(chunks of at most ``cfg.max_batch``): every iteration is one Adam step on (A, B, V) with analytic
+gradients, then one exact sparse-core round (solver.core_step). Differences from the official code,
+all deliberate (section 5 and 11 of the spec):
+- the selection gradient is taken with respect to S only and, like the loss, comes from cached
+  products that the sparse-core round refreshes by rank-one terms: 6 block-diagonal products per
+  iteration instead of 16, same trajectory up to fp32 rounding;
+- the sparse-core round accepts a group only if its tile loss falls; the best iterate is returned,
+  and a final fp64 check guarantees loss_final <= loss_start (the NoWag-P proxy loss);
+- every layer has its own torch.Generator seeded with cfg.seed, so a layer's result does not depend
+  on which other layers share its batch;
+- non-finite values during the solve give status "fallback" with the NoWag-P start returned.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from solver import bcd_objective as obj
+from solver.baselines import nowag_score
+from solver.blockdiag import check_block_size, identity_blocks
+from solver.config import SolverConfig
+from solver.core_step import group_scores, select, sparse_core_round
+from solver.factors import Factorization, LayerResult, SolveReport
+from solver.normalizer import fold, normalize
+from solver.sparsity import check_24_shape, mask_24, positive_zeros
+from solver.stats import repair_h
+
+BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+PARAMS = ("A", "B", "V")
+
+
+def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
+    """Validate one layer and build its NoWag-P start (unbatched, fp32, on W's device)."""
+    if W.dim() != 2:
+        raise ValueError(f"{name}: weight must be 2-D, got shape {tuple(W.shape)}")
+    W = W.float()
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"{name}: weight contains {bad} NaN/Inf entries; cannot solve this layer")
+    d_out, d_in = W.shape
+    check_24_shape(d_in, name)
+    check_block_size(d_out, d_in, b, name)
+    if h.shape != (d_in,):
+        raise ValueError(f"{name}: h has shape {tuple(h.shape)}, expected ({d_in},)")
+    h, n_rep = repair_h(h.float().to(W.device), name)
+    h = h / h.mean()  # the loss is scale-free in h; this keeps Z far from fp32 overflow
+    W_bar, r, c = normalize(W)
+    M = mask_24(nowag_score(W, h))
+    S = torch.where(M, W_bar, torch.zeros((), device=W.device))
+    A0, B0 = identity_blocks(d_out // b, b, device=W.device), identity_blocks(d_in // b, b, device=W.device)
+    return {"W_bar": W_bar, "h": h, "r": r, "c": c, "M": M, "S": S, "A": A0, "B": B0, "h_replaced": n_rep}
+
+
+def _init_batch(starts: list[dict], cfg: SolverConfig, dev: torch.device) -> dict:
+    st = {k: torch.stack([s[k] for s in starts]).to(dev) for k in ("W_bar", "h", "M", "S", "A", "B")}
+    st["V"] = st["S"].clone()
+    st["Z"] = obj.loss_scale(st["W_bar"], st["h"])
+    st["T"], st["E"] = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
+    st["G"] = obj.weighted_residual(st["E"], st["h"], st["Z"])
+    st["dT"], st["Gamma"] = obj.core_gradient(st["A"], st["B"], st["G"])
+    if cfg.continuous == "adam":
+        for p in PARAMS:
+            st["m" + p], st["v" + p] = torch.zeros_like(st[p]), torch.zeros_like(st[p])
+    return st
+
+
+def adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float):
+    """In-place Adam step written like torch.optim.Adam's single-tensor path (no weight decay)."""
+    b1, b2 = BETAS
+    m.lerp_(grad, 1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    denom = (v.sqrt() / bc2**0.5).add_(ADAM_EPS)
+    param.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def continuous_step(st: dict, step: int, lr: float, b: int) -> None:
+    """One joint Adam step on A, B, V from the cached products, then refresh them (4 + 2 units)."""
+    gA, gB = obj.wrapper_gradients(st["G"], st["T"], st["S"], st["dT"], b)
+    gV = st["Gamma"] * st["M"]
+    for p, g in zip(PARAMS, (gA, gB, gV)):
+        adam_update(st[p], g, st["m" + p], st["v" + p], step, lr)
+    st["S"] = torch.where(st["M"], st["V"], torch.zeros((), device=st["V"].device))
+    st["T"], st["E"] = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
+    st["G"] = obj.weighted_residual(st["E"], st["h"], st["Z"])
+    st["dT"], st["Gamma"] = obj.core_gradient(st["A"], st["B"], st["G"])
+
+
+def _select_rows(st: dict, keep: torch.Tensor) -> dict:
+    return {k: v[keep] for k, v in st.items()}
+
+
+def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[dict]:
+    """Run BCD on same-shaped layers together; return per-layer raw outcomes (CPU tensors)."""
+    b = cfg.block_size
+    K = len(starts)
+    st = _init_batch(starts, cfg, dev)
+    n0, n1 = st["S"].shape[1] // b, st["S"].shape[2] // b
+    gens = [torch.Generator(device=dev).manual_seed(cfg.seed) for _ in range(K)]
+    L = obj.loss_from(st["E"], st["G"])
+    out = [dict(failed_solves=0, mask_changes=0, uniform_fallbacks=0, iterations=0, early_stopped=False,
+                best_iteration=0, nonfinite=not bool(torch.isfinite(L[k]))) for k in range(K)]
+    best = {k: st[k].clone() for k in ("A", "B", "S")}
+    best_L, prev_L = L.clone(), L.clone()
+    patience = torch.full((K,), cfg.patience, dtype=torch.long, device=dev)
+    rows = list(range(K))  # rows[j]: original index of the j-th active layer
+    active = torch.tensor([not o["nonfinite"] for o in out], device=dev)
+    for t in range(1, cfg.iterations + 1):
+        if not bool(active.all()):
+            keep = active.nonzero()[:, 0]
+            rows = [rows[j] for j in keep.tolist()]
+            st, best = _select_rows(st, keep), _select_rows(best, keep)
+            best_L, prev_L, patience = best_L[keep], prev_L[keep], patience[keep]
+            gens = [gens[j] for j in keep.tolist()]
+        if not rows:
+            break
+        if cfg.continuous == "adam":
+            continuous_step(st, t, cfg.lr, b)
+        rand = torch.stack([torch.rand(n0, n1, generator=g, device=dev) for g in gens])
+        cand, fallbacks = select(group_scores(st["Gamma"], b), rand, cfg.selection)
+        counts = sparse_core_round(st, cand, b, cfg.reset_adam_on_mask_change)
+        st["G"] = obj.weighted_residual(st["E"], st["h"], st["Z"])
+        L = obj.loss_from(st["E"], st["G"])
+        finite = torch.isfinite(L)
+        improved = finite & (L < best_L)
+        if bool(improved.any()):
+            idx = improved.nonzero()[:, 0]
+            for k in best:
+                best[k][idx] = st[k][idx]
+            best_L = torch.where(improved, L, best_L)
+        no_gain = (L > (1 - cfg.rtol) * prev_L) | (L > prev_L - cfg.atol) | ~finite
+        patience = torch.where(no_gain, patience - 1, torch.full_like(patience, cfg.patience))
+        prev_L = L
+        stopped = (patience <= 0) | ~finite
+        c = {k: v.tolist() for k, v in counts.items()}
+        fb, imp, stp, fin = fallbacks.tolist(), improved.tolist(), stopped.tolist(), finite.tolist()
+        for j, k in enumerate(rows):
+            o = out[k]
+            o["failed_solves"] += c["failed_solves"][j]
+            o["mask_changes"] += c["mask_changes"][j]
+            o["uniform_fallbacks"] += fb[j]
+            o["iterations"] = t
+            o["best_iteration"] = t if imp[j] else o["best_iteration"]
+            o["nonfinite"] = not fin[j]
+            o["early_stopped"] = fin[j] and stp[j] and t < cfg.iterations
+            if stp[j]:
+                o["A"], o["B"], o["S"] = (best[x][j].cpu() for x in ("A", "B", "S"))
+        active = ~stopped
+    for j, k in enumerate(rows):
+        if "S" not in out[k]:
+            out[k]["A"], out[k]["B"], out[k]["S"] = (best[x][j].cpu() for x in ("A", "B", "S"))
+    for k, o in enumerate(out):  # layers that were never active (non-finite start)
+        if "S" not in o:
+            o["A"], o["B"], o["S"] = (starts[k][x].cpu() for x in ("A", "B", "S"))
+    return out
+
+
+def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig) -> LayerResult:
+    """Choose between the best iterate and the start, fold the normaliser, build the report."""
+    W_bar, h = start["W_bar"].cpu(), start["h"].cpu()
+    A0, S0, B0 = start["A"].cpu(), start["S"].cpu(), start["B"].cpu()
+    loss_start = obj.exact_loss(W_bar, A0, S0, B0, h)
+    A, S, B = raw["A"], raw["S"], raw["B"]
+    status, note = "ok", None
+    finite = all(bool(torch.isfinite(x).all()) for x in (A, S, B))
+    loss_final = obj.exact_loss(W_bar, A, S, B, h) if finite else float("nan")
+    if raw["nonfinite"] or not finite or not loss_final == loss_final:
+        status, note = "fallback", "non-finite values during the solve; returned the NoWag-P start"
+    elif loss_final > loss_start:
+        note = "best iterate not better than the start in fp64; returned the NoWag-P start"
+    if note is not None:
+        A, S, B, loss_final = A0, S0, B0, loss_start
+    if not loss_final <= loss_start:
+        raise AssertionError(f"{name}: ARMOR loss {loss_final} exceeds the NoWag-P start {loss_start}")
+    A_f, B_f = fold(A, B, start["r"].cpu(), start["c"].cpu())
+    fact = Factorization(positive_zeros(S), A_f.contiguous(), B_f.contiguous()).validated(name)
+    notes = {k: int(raw[k]) for k in ("failed_solves", "mask_changes", "uniform_fallbacks", "best_iteration")}
+    notes.update(h_replaced=int(start["h_replaced"]), block_size=cfg.block_size, selection=cfg.selection,
+                 continuous=cfg.continuous, device=cfg.device)
+    if note:
+        notes["message"] = note
+    report = SolveReport(loss_start, loss_final, int(raw["iterations"]), seconds, bool(raw["early_stopped"]),
+                         status, notes)
+    return LayerResult(fact, report)
+
+
+def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
+    """Solve every problem (``solver.methods.Problem``); same-shaped problems share batches."""
+    dev = torch.device(cfg.device)
+    b = cfg.block_size
+    starts = []
+    for p in problems:
+        if p.stats is None:
+            raise ValueError(f"{p.name}: ARMOR needs calibration statistics (h)")
+        starts.append(prepare(p.name, p.W.to(dev), p.stats.h, b))
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(problems):
+        groups.setdefault(tuple(p.W.shape), []).append(i)
+    results: list[LayerResult | None] = [None] * len(problems)
+    for idx in groups.values():
+        for c0 in range(0, len(idx), cfg.max_batch):
+            chunk = idx[c0:c0 + cfg.max_batch]
+            t0 = time.perf_counter()
+            raws = _solve_chunk([problems[i].name for i in chunk], [starts[i] for i in chunk], cfg, dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            share = (time.perf_counter() - t0) / len(chunk)
+            for i, raw in zip(chunk, raws):
+                results[i] = _finish(problems[i].name, starts[i], raw, share, cfg)
+    return results

@@ -1,0 +1,147 @@
+"""ARMOR's sparse-core step (armor-algorithm.md sections 4.3 and 5a), batched over layers and block pairs.
+
+One round picks one group (row i, aligned 4 input columns g) in every block pair (p, q) and re-solves
+it exactly over the 6 possible 2:4 patterns. With a = A_p[:, i_loc], B_g the 4 rows of B_q of the
+group, D = diag(h_q), Q = B_g D B_g^T [4, 4] and u = G_g R^T a, the tile loss (up to a constant) is
+    phi(s) = 2 s.u + |a|^2 s^T Q s.
+Because Gamma = dL/dS = (2/Z) A^T (E (.) h) B^T, u needs no b x b work per tile:
+    u = (Z/2) Gamma[i, g] - |a|^2 Q s_old.
+Per pattern P: s_P = -(Q_P + lam I)^-1 u_P / |a|^2 with lam = DAMP_REL * trace(Q_P), solved by an
+explicit 2x2 inverse with a determinant check. The best pattern replaces the group only if its
+(undamped) phi is strictly below phi(s_old); a tile whose solves all fail keeps its group and counts
+as a failed solve. After the round the cached products (T, E, dT, Gamma) are updated by one rank-one
+term per tile, so the next iteration needs no new forward pass.
+"""
+from __future__ import annotations
+
+import torch
+
+PATTERNS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+DAMP_REL = 1e-7  # damping of each 2x2 system, relative to its trace (fp64 solves)
+DET_REL = 1e-14  # a damped 2x2 system is singular when det <= DET_REL * trace^2
+
+
+def solve_patterns(Q: torch.Tensor, u: torch.Tensor, a2: torch.Tensor, s_old: torch.Tensor):
+    """Exact 2:4 re-solve of groups, any leading shape [...].
+
+    Q [..., 4, 4], u [..., 4], a2 [...] (= |a|^2), s_old [..., 4] (current values, 2:4).
+    Returns (s_new [..., 4] (zeros outside the chosen pattern), pattern [...] (index into PATTERNS),
+    accept [...] bool, failed [...] bool, dphi [...] (phi_new - phi_old, 0 where not accepted)).
+    Computed in fp64.
+    """
+    Q, u, a2, s_old = Q.double(), u.double(), a2.double(), s_old.double()
+    P = PATTERNS.to(Q.device)
+    QP = Q[..., P[:, :, None], P[:, None, :]]  # [..., 6, 2, 2]
+    uP = u[..., P]  # [..., 6, 2]
+    q00, q01, q11 = QP[..., 0, 0], QP[..., 0, 1], QP[..., 1, 1]
+    tr = q00 + q11
+    lam = DAMP_REL * tr
+    da, dd = q00 + lam, q11 + lam
+    det = da * dd - q01 * q01
+    a2e = a2[..., None]
+    valid = torch.isfinite(det) & (tr > 0) & (det > DET_REL * tr * tr) & (a2e > 0) & torch.isfinite(a2e)
+    safe_det = torch.where(valid, det, torch.ones_like(det))
+    safe_a2 = torch.where(a2e > 0, a2e, torch.ones_like(a2e))
+    x0 = (dd * uP[..., 0] - q01 * uP[..., 1]) / safe_det
+    x1 = (da * uP[..., 1] - q01 * uP[..., 0]) / safe_det
+    sP = -torch.stack([x0, x1], dim=-1) / safe_a2[..., None]  # [..., 6, 2]
+    quad = (sP[..., 0] * (q00 * sP[..., 0] + q01 * sP[..., 1]) + sP[..., 1] * (q01 * sP[..., 0] + q11 * sP[..., 1]))
+    phi = 2 * (sP * uP).sum(-1) + a2e * quad
+    valid = valid & torch.isfinite(phi)
+    phi = torch.where(valid, phi, torch.full_like(phi, float("inf")))
+    best = torch.argmin(phi, dim=-1)  # first minimum: deterministic
+    phi_best = torch.gather(phi, -1, best[..., None])[..., 0]
+    phi_old = 2 * (s_old * u).sum(-1) + a2 * (s_old * (Q @ s_old[..., None])[..., 0]).sum(-1)
+    failed = ~valid.any(-1) | ~torch.isfinite(phi_old)
+    accept = ~failed & (phi_best < phi_old)
+    s_best = torch.gather(sP, -2, best[..., None, None].expand(*best.shape, 1, 2))[..., 0, :]
+    s_new = torch.zeros_like(s_old)
+    s_new.scatter_(-1, P[best], s_best)
+    s_new = torch.where(accept[..., None], s_new, s_old)
+    dphi = torch.where(accept, phi_best - phi_old, torch.zeros_like(phi_old))
+    return s_new, best, accept, failed, dphi
+
+
+def group_scores(Gamma: torch.Tensor, b: int) -> torch.Tensor:
+    """[K, n0, n1, b*b/4]: L1 norm of Gamma over each group, candidates of a block pair last.
+
+    Candidate c of pair (p, q) is local row c // (b/4), local group c % (b/4)."""
+    K, d_out, d_in = Gamma.shape
+    n0, n1, g = d_out // b, d_in // b, b // 4
+    sc = Gamma.abs().view(K, n0, b, n1, g, 4).sum(-1)  # [K, n0, b, n1, g]
+    return sc.permute(0, 1, 3, 2, 4).reshape(K, n0, n1, b * g)
+
+
+def select(scores: torch.Tensor, rand: torch.Tensor, selection: str):
+    """One candidate per block pair. rand [K, n0, n1] uniform in [0, 1) (one per pair, per-layer generator).
+
+    Returns (candidate [K, n0, n1] long, number of pairs that fell back to uniform [K])."""
+    C = scores.shape[-1]
+    uniform = (rand * C).long().clamp_(max=C - 1)
+    if selection == "uniform":
+        return uniform, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    total = scores.sum(-1)
+    degenerate = ~(torch.isfinite(total) & (total > 0))
+    if selection == "gradient-greedy":
+        pick = torch.argmax(torch.nan_to_num(scores, nan=0.0), dim=-1)
+    elif selection == "gradient-random":
+        cs = torch.cumsum(scores, dim=-1)
+        target = (rand * cs[..., -1])[..., None]
+        pick = torch.searchsorted(cs.contiguous(), target.contiguous(), right=True)[..., 0].clamp_(max=C - 1)
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    pick = torch.where(degenerate, uniform, pick)
+    return pick, degenerate.flatten(1).sum(1)
+
+
+def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool) -> dict:
+    """Apply one exact round to the batched state ``st`` in place; return per-layer counts.
+
+    ``st`` holds A, B, V, M, S, T, E, dT, Gamma, h, Z (and the Adam moments mV, vV). cand [K, n0, n1]."""
+    A, B, S, h, Z = st["A"], st["B"], st["S"], st["h"], st["Z"]
+    K, d_out, d_in = S.shape
+    n0, n1, g4 = d_out // b, d_in // b, b // 4
+    dev = S.device
+    kk = torch.arange(K, device=dev)[:, None, None]
+    pp = torch.arange(n0, device=dev)[None, :, None]
+    qq = torch.arange(n1, device=dev)[None, None, :]
+    ii, gg = cand // g4, cand % g4  # [K, n0, n1]
+    six = lambda X: X.view(K, n0, b, n1, g4, 4)  # noqa: E731
+    s_old = six(S)[kk, pp, ii, qq, gg]  # [K, n0, n1, 4]
+    gam = six(st["Gamma"])[kk, pp, ii, qq, gg]
+    a = A[kk, pp, :, ii]  # [K, n0, n1, b]: column i_loc of A_p
+    Bg = B.view(K, n1, g4, 4, b)[kk, qq, gg]  # [K, n0, n1, 4, b]: rows of B_q in the group
+    hq = h.view(K, n1, b)[kk, qq]  # [K, 1, n1, b]
+    Q = torch.matmul(Bg * hq[..., None, :], Bg.transpose(-1, -2))  # [K, n0, n1, 4, 4]
+    a2 = a.pow(2).sum(-1)
+    u = (0.5 * Z)[:, None, None, None] * gam - a2[..., None] * (Q @ s_old[..., None])[..., 0]
+    s_new, pat, accept, failed, _ = solve_patterns(Q, u, a2, s_old)
+    s_new = s_new.to(S.dtype)
+    m_new = torch.zeros_like(s_new, dtype=torch.bool)
+    m_new.scatter_(-1, PATTERNS.to(dev)[pat], True)
+    m_old = six(st["M"])[kk, pp, ii, qq, gg]
+    changed = accept & (m_new != m_old).any(-1)
+    m_new = torch.where(accept[..., None], m_new, m_old)
+    v_new = torch.where(m_new, s_new, six(st["V"])[kk, pp, ii, qq, gg])
+    six(st["M"])[kk, pp, ii, qq, gg] = m_new
+    six(st["V"])[kk, pp, ii, qq, gg] = v_new
+    six(S)[kk, pp, ii, qq, gg] = s_new
+    if reset_moments:
+        keep = (~changed)[..., None].to(S.dtype)
+        for key in ("mV", "vV"):
+            if key in st:
+                six(st[key])[kk, pp, ii, qq, gg] = six(st[key])[kk, pp, ii, qq, gg] * keep
+    # Rank-one refresh of the cached products, one term per tile (a few d_out*d_in FLOP in all).
+    ds = s_new - s_old  # zero where not accepted
+    dTrow = (ds[..., None, :] @ Bg)[..., 0, :]  # [K, n0, n1, b]: change of row i of T in column block q
+    st["T"].view(K, n0, b, n1, b)[kk, pp, ii, qq] += dTrow
+    st["E"].view(K, n0, b, n1, b).add_(torch.einsum("kpqi,kpqj->kpiqj", a, dTrow))
+    Ata = torch.einsum("kpjm,kpqj->kpqm", A, a)  # A_p^T a
+    w = dTrow * hq * (2.0 / Z)[:, None, None, None]
+    st["dT"].view(K, n0, b, n1, b).add_(torch.einsum("kpqi,kpqj->kpiqj", Ata, w))
+    wB = torch.einsum("kpqj,kqmj->kpqm", w, B)  # w B_q^T
+    st["Gamma"].view(K, n0, b, n1, b).add_(torch.einsum("kpqi,kpqj->kpiqj", Ata, wB))
+    return {
+        "failed_solves": failed.flatten(1).sum(1),
+        "mask_changes": changed.flatten(1).sum(1),
+    }
