@@ -17,7 +17,7 @@ from solver.baselines import magnitude_score, nowag_score, prune_by_score, wanda
 from solver.config import SolverConfig
 from solver.factors import Factorization, LayerResult, SolveReport
 from solver.objective import proxy_loss
-from solver.stats import LayerStats
+from solver.stats import LayerStats, repair_h
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,10 @@ def _mask_only(score_fn) -> Callable[[list[Problem], SolverConfig], list[LayerRe
         out = []
         for p in problems:
             t0 = time.perf_counter()
-            h = p.stats.h if p.stats is not None else None
+            h, notes = None, {}
+            if p.stats is not None:
+                # Same repaired h as ARMOR and SparseGPT, so every method's losses share one scale (spec 2.1).
+                h, notes["h_replaced"] = repair_h(p.stats.h.float(), p.name)
             S, _ = prune_by_score(p.W, score_fn(p.W, h))
             seconds = time.perf_counter() - t0
             if h is not None:
@@ -48,7 +51,7 @@ def _mask_only(score_fn) -> Callable[[list[Problem], SolverConfig], list[LayerRe
                 final = proxy_loss(p.W, S, h)
             else:
                 start = final = None
-            out.append(LayerResult(Factorization(S), SolveReport(start, final, 0, seconds)))
+            out.append(LayerResult(Factorization(S), SolveReport(start, final, 0, seconds, notes=notes)))
         return out
 
     return run
