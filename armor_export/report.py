@@ -1,0 +1,85 @@
+"""Human-readable summaries: an artifact's manifest, and the one-shot run's summary files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean
+
+from rich.console import Console
+from rich.table import Table
+
+from armor_export.artifact import read_manifest
+
+
+def artifact_summary(man: dict) -> dict:
+    layers = man["layers"]
+    starts = [v["loss_start"] for v in layers.values() if v.get("loss_start") is not None]
+    finals = [v["loss_final"] for v in layers.values() if v.get("loss_final") is not None]
+    params = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
+    extra = sum(v["block_size"] * (v["shape"][0] + v["shape"][1]) for v in layers.values() if v.get("block_size"))
+    return {
+        "method": man["method"],
+        "layers": len(layers),
+        "fallback_layers": sorted(k for k, v in layers.items() if v.get("status") != "ok"),
+        "mean_loss_start": mean(starts) if starts else None,
+        "mean_loss_final": mean(finals) if finals else None,
+        "early_stopped": sum(bool(v.get("early_stopped")) for v in layers.values()),
+        "param_overhead": extra / params if params else 0.0,
+        "timing_seconds": man.get("timing_seconds", {}),
+    }
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_artifact(path: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    man = read_manifest(path)
+    s = artifact_summary(man)
+    t = Table(title=f"artifact {path}")
+    for col in ("method", "layers", "mean proxy loss (NoWag-P start)", "mean proxy loss (final)", "A/B overhead",
+                "fallbacks", "solve s"):
+        t.add_column(col)
+    t.add_row(s["method"], str(s["layers"]), _fmt(s["mean_loss_start"]), _fmt(s["mean_loss_final"]),
+              f"{100 * s['param_overhead']:.1f}%", str(len(s["fallback_layers"])),
+              str(s["timing_seconds"].get("solve", "-")))
+    console.print(t)
+
+
+def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
+    man = read_manifest(artifact)
+    full = {**summary, "artifact": str(artifact), "artifact_summary": artifact_summary(man)}
+    (out / "summary.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+    s = full["artifact_summary"]
+    lines = [
+        f"# armor-export run ({s['method']})", "",
+        "| model | perplexity | windows x seqlen |", "|---|---|---|",
+        f"| dense | {summary['dense']['perplexity']:.3f} | {summary['dense']['windows']} x {summary['dense']['seqlen']} |",
+        f"| {s['method']} | {summary['pruned']['perplexity']:.3f} | {summary['pruned']['windows']} x "
+        f"{summary['pruned']['seqlen']} |", "",
+        f"- layers: {s['layers']}, fallbacks: {len(s['fallback_layers'])}, A/B overhead "
+        f"{100 * s['param_overhead']:.1f}%",
+        f"- mean proxy loss: NoWag-P start {_fmt(s['mean_loss_start'])} -> final {_fmt(s['mean_loss_final'])}",
+        f"- wall time: {summary['seconds']} s",
+    ]
+    if "verify" in summary:
+        lines.append(f"- engine {summary['engine']}: parity {'PASS' if summary['verify'].get('passed') else 'FAIL'} "
+                     f"({summary['verify'].get('report_path')})")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def print_run_summary(artifact: Path, summary: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    s = artifact_summary(read_manifest(artifact))
+    t = Table(title="armor-export summary")
+    for col in ("model", "perplexity", "mean proxy loss", "A/B overhead"):
+        t.add_column(col)
+    t.add_row("dense", f"{summary['dense']['perplexity']:.3f}", "0", "-")
+    t.add_row(s["method"], f"{summary['pruned']['perplexity']:.3f}", _fmt(s["mean_loss_final"]),
+              f"{100 * s['param_overhead']:.1f}%")
+    console.print(t)
+    if "verify" in summary:
+        v = summary["verify"]
+        console.print(f"engine {summary['engine']}: parity {'PASS' if v.get('passed') else 'FAIL'} -> {v.get('report_path')}")
+    console.print(f"artifact: {artifact}   wall time: {summary['seconds']} s")

@@ -1,0 +1,104 @@
+"""The PyTorch runtime of an artifact: ``ArmorLinear`` and the model loader built on it.
+
+ArmorLinear computes y = ((x . B^T) . S^T) . A^T + bias, in that order:
+  1. block-diagonal batched matmul with B_blocks [n1, b, b] on the [T, n1, b] view of x,
+  2. the 2:4 GEMM with S [d_out, d_in] (2:4 along d_in): on CUDA in fp16/bf16 S may be a
+     ``torch.sparse.to_sparse_semi_structured`` tensor; elsewhere a dense tensor with zeros,
+  3. block-diagonal batched matmul with A_blocks [n0, b, b],
+  4. + bias.
+This module is the reference every other engine is compared with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from solver.blockdiag import apply_input_side, apply_output_side
+
+
+class ArmorLinear(nn.Module):
+    def __init__(self, S: torch.Tensor, A_blocks: torch.Tensor | None, B_blocks: torch.Tensor | None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = S.shape
+        self.register_buffer("S", S)
+        self.register_buffer("A_blocks", A_blocks)
+        self.register_buffer("B_blocks", B_blocks)
+        self.register_buffer("bias", bias)
+        self._S_sparse = None  # semi-structured copy of S on CUDA (built by to_semi_structured)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense effective weight A.S.B (for inspection and references; not used in forward)."""
+        from solver.blockdiag import product
+
+        return product(self.A_blocks, self.S, self.B_blocks)
+
+    def to_semi_structured(self) -> bool:
+        """Use a CUTLASS/cuSPARSELt 2:4 copy of S for the GEMM. Returns False (and keeps dense S)
+        where PyTorch cannot (CPU, fp32, unsupported GPU or shape)."""
+        if self.S.device.type != "cuda" or self.S.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        try:
+            self._S_sparse = torch.sparse.to_sparse_semi_structured(self.S.contiguous())
+        except (RuntimeError, ValueError, NotImplementedError):
+            self._S_sparse = None
+            return False
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.B_blocks is not None:
+            x = apply_input_side(x, self.B_blocks)
+        if self._S_sparse is not None:
+            lead = x.shape[:-1]
+            z = F.linear(x.reshape(-1, self.in_features), self._S_sparse).reshape(*lead, self.out_features)
+        else:
+            z = F.linear(x, self.S)
+        if self.A_blocks is not None:
+            z = apply_output_side(z, self.A_blocks)
+        if self.bias is not None:
+            z = z + self.bias
+        return z
+
+    def extra_repr(self) -> str:
+        b = None if self.A_blocks is None else self.A_blocks.shape[-1]
+        return f"in_features={self.in_features}, out_features={self.out_features}, block_size={b}"
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def load_armor_model(artifact_dir, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                     semi_structured: bool = False):
+    """Build the HF model of an artifact with every pruned linear replaced by ArmorLinear.
+
+    Reads only the artifact directory. Returns (model, artifact)."""
+    from armor_export.artifact import load_artifact, build_base_model
+
+    art = load_artifact(artifact_dir)
+    model = build_base_model(art, dtype=dtype)
+    for name, lf in art.layers.items():
+        f = lf.factors
+        cast = (lambda t: None if t is None else t.to(dtype=dtype))
+        set_submodule(model, name, ArmorLinear(cast(f.S), cast(f.A_blocks), cast(f.B_blocks), cast(lf.bias)))
+    model.to(device)
+    if semi_structured:
+        for m in model.modules():
+            if isinstance(m, ArmorLinear):
+                m.to_semi_structured()
+    model.eval()
+    return model, art
+
+
+class TorchLowering:
+    """The 'torch' engine: the artifact loaded into PyTorch (nothing is written)."""
+
+    name = "torch"
+
+    def lower(self, artifact_dir, out_dir=None, **kw):
+        model, _ = load_armor_model(artifact_dir, **kw)
+        return model
