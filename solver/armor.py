@@ -1,7 +1,7 @@
 """The ARMOR solver: NoWag-P start, then block coordinate descent (armor-algorithm.md sections 3-5).
 
 ``solve_layers(problems, cfg)`` groups the problems by shape and solves each group as one batch
-(chunks of at most ``cfg.max_batch``): every iteration is one Adam step on (A, B, V) with analytic
+(chunks of at most ``cfg.max_batch`` layers and BATCH_ELEMS elements): every iteration is one Adam step on (A, B, V) with analytic
 gradients, then one exact sparse-core round (solver.core_step). Differences from the official code,
 all deliberate (section 5 and 11 of the spec):
 - the selection gradient is taken with respect to S only and, like the loss, comes from cached
@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.optim.adam import adam
 
 from solver import bcd_objective as obj
 from solver.baselines import nowag_score
@@ -32,6 +33,9 @@ from solver.stats import repair_h
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 PARAMS = ("A", "B", "V")
+# Largest batched [K, d_out, d_in] tensor, in elements (24 MB fp32). Beyond glibc's 32 MB mmap ceiling
+# every temporary is a fresh mmap whose page faults cost more than the arithmetic (measured 4x).
+BATCH_ELEMS = 6 * 2**20
 
 
 def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
@@ -60,12 +64,13 @@ def _init_batch(starts: list[dict], cfg: SolverConfig, dev: torch.device) -> dic
     st = {k: torch.stack([s[k] for s in starts]).to(dev) for k in ("W_bar", "h", "M", "S", "A", "B")}
     st["V"] = st["S"].clone()
     st["Z"] = obj.loss_scale(st["W_bar"], st["h"])
+    st["hz"] = st["h"] * (2.0 / st["Z"])[:, None]
     st["T"], st["E"] = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
-    st["G"] = obj.weighted_residual(st["E"], st["h"], st["Z"])
+    st["G"] = obj.weighted_residual(st["E"], st["hz"])
     st["dT"], st["Gamma"] = obj.core_gradient(st["A"], st["B"], st["G"])
     if cfg.continuous == "adam":
         for p in PARAMS:
-            st["m" + p], st["v" + p] = torch.zeros_like(st[p]), torch.zeros_like(st[p])
+            st["m_" + p], st["v_" + p] = torch.zeros_like(st[p]), torch.zeros_like(st[p])
     return st
 
 
@@ -79,16 +84,28 @@ def adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: tor
     param.addcdiv_(m, denom, value=-lr / bc1)
 
 
+def _adam_all(st: dict, grads: list, step: int, lr: float) -> None:
+    """Adam on A, B, V: torch's fused kernel (one pass per tensor), else the plain update above."""
+    params = [st[p] for p in PARAMS]
+    ms, vs = [st["m_" + p] for p in PARAMS], [st["v_" + p] for p in PARAMS]
+    steps = [torch.tensor(float(step - 1), device=params[0].device) for _ in PARAMS]
+    try:
+        adam(params, grads, ms, vs, [], steps, foreach=False, fused=True, amsgrad=False, beta1=BETAS[0],
+             beta2=BETAS[1], lr=lr, weight_decay=0.0, eps=ADAM_EPS, maximize=False)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
+        for p, g, m, v in zip(params, grads, ms, vs):
+            adam_update(p, g, m, v, step, lr)
+
+
 def continuous_step(st: dict, step: int, lr: float, b: int) -> None:
-    """One joint Adam step on A, B, V from the cached products, then refresh them (4 + 2 units)."""
+    """One joint Adam step on A, B, V from the cached products, then refresh them (2 + 4 units)."""
     gA, gB = obj.wrapper_gradients(st["G"], st["T"], st["S"], st["dT"], b)
-    gV = st["Gamma"] * st["M"]
-    for p, g in zip(PARAMS, (gA, gB, gV)):
-        adam_update(st[p], g, st["m" + p], st["v" + p], step, lr)
-    st["S"] = torch.where(st["M"], st["V"], torch.zeros((), device=st["V"].device))
-    st["T"], st["E"] = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
-    st["G"] = obj.weighted_residual(st["E"], st["h"], st["Z"])
-    st["dT"], st["Gamma"] = obj.core_gradient(st["A"], st["B"], st["G"])
+    gV = st["Gamma"].mul_(st["M"])  # Gamma is recomputed below, so its buffer can hold dL/dV
+    _adam_all(st, [gA, gB, gV], step, lr)
+    torch.mul(st["V"], st["M"], out=st["S"])
+    obj.forward(st["A"], st["S"], st["B"], st["W_bar"], st["T"], st["E"])
+    obj.weighted_residual(st["E"], st["hz"], st["G"])
+    obj.core_gradient(st["A"], st["B"], st["G"], st["dT"], st["Gamma"])
 
 
 def _select_rows(st: dict, keep: torch.Tensor) -> dict:
@@ -124,7 +141,7 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
         rand = torch.stack([torch.rand(n0, n1, generator=g, device=dev) for g in gens])
         cand, fallbacks = select(group_scores(st["Gamma"], b), rand, cfg.selection)
         counts = sparse_core_round(st, cand, b, cfg.reset_adam_on_mask_change)
-        st["G"] = obj.weighted_residual(st["E"], st["h"], st["Z"])
+        obj.weighted_residual(st["E"], st["hz"], st["G"])
         L = obj.loss_from(st["E"], st["G"])
         finite = torch.isfinite(L)
         improved = finite & (L < best_L)
@@ -202,9 +219,10 @@ def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
     for i, p in enumerate(problems):
         groups.setdefault(tuple(p.W.shape), []).append(i)
     results: list[LayerResult | None] = [None] * len(problems)
-    for idx in groups.values():
-        for c0 in range(0, len(idx), cfg.max_batch):
-            chunk = idx[c0:c0 + cfg.max_batch]
+    for shape, idx in groups.items():
+        size = max(1, min(cfg.max_batch, BATCH_ELEMS // (shape[0] * shape[1])))
+        for c0 in range(0, len(idx), size):
+            chunk = idx[c0:c0 + size]
             t0 = time.perf_counter()
             raws = _solve_chunk([problems[i].name for i in chunk], [starts[i] for i in chunk], cfg, dev)
             if dev.type == "cuda":

@@ -16,28 +16,39 @@ from __future__ import annotations
 import torch
 
 
-def lmul(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """A . X for A [K, n0, b, b], X [K, d_out, k] (one unit)."""
+def _out(X: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(X) if out is None else out
+
+
+def lmul(A: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A . X for A [K, n0, b, b], X [K, d_out, k] (one unit), written into ``out`` when given."""
     K, n0, b, _ = A.shape
-    return torch.matmul(A, X.view(K, n0, b, -1)).view(X.shape)
+    out = _out(X, out)
+    torch.matmul(A, X.view(K, n0, b, -1), out=out.view(K, n0, b, -1))
+    return out
 
 
-def lmul_t(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+def lmul_t(A: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """A^T . X (one unit)."""
-    return lmul(A.transpose(-1, -2), X)
+    return lmul(A.transpose(-1, -2), X, out)
 
 
-def rmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """X . B for X [K, k, d_in], B [K, n1, b, b] (one unit)."""
+def rmul(X: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """X . B for X [K, k, d_in], B [K, n1, b, b] (one unit).
+
+    One strided bmm per layer: the [n1, k, b] views of X and ``out`` are BLAS-compatible, so no
+    transposed copy is made (a single batched matmul over (K, n1) would copy twice)."""
     K, n1, b, _ = B.shape
     k = X.shape[1]
-    Xv = X.view(K, k, n1, b).transpose(1, 2)  # [K, n1, k, b]
-    return torch.matmul(Xv, B).transpose(1, 2).reshape(X.shape)
+    out = _out(X, out)
+    for j in range(K):
+        torch.bmm(X[j].view(k, n1, b).transpose(0, 1), B[j], out=out[j].view(k, n1, b).transpose(0, 1))
+    return out
 
 
-def rmul_t(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def rmul_t(X: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """X . B^T (one unit)."""
-    return rmul(X, B.transpose(-1, -2))
+    return rmul(X, B.transpose(-1, -2), out)
 
 
 def row_block_gram(G: torch.Tensor, T: torch.Tensor, b: int) -> torch.Tensor:
@@ -49,11 +60,13 @@ def row_block_gram(G: torch.Tensor, T: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def col_block_gram(S: torch.Tensor, Y: torch.Tensor, b: int) -> torch.Tensor:
-    """[K, n1, b, b]: block q is S_q^T . Y_q over column block q (one unit)."""
+    """[K, n1, b, b]: block q is S_q^T . Y_q over column block q (one unit, strided bmm per layer)."""
     K, d_out, d_in = S.shape
-    Sv = S.view(K, d_out, d_in // b, b).permute(0, 2, 3, 1)  # [K, n1, b, d_out]
-    Yv = Y.view(K, d_out, d_in // b, b).transpose(1, 2)  # [K, n1, d_out, b]
-    return torch.matmul(Sv, Yv)
+    n1 = d_in // b
+    out = S.new_empty(K, n1, b, b)
+    for j in range(K):
+        torch.bmm(S[j].view(d_out, n1, b).permute(1, 2, 0), Y[j].view(d_out, n1, b).transpose(0, 1), out=out[j])
+    return out
 
 
 def loss_scale(W_bar: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -62,27 +75,27 @@ def loss_scale(W_bar: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.where(Z > 0, Z, torch.ones_like(Z))
 
 
-def forward(A, S, B, W_bar):
-    """(T = S B, E = A T - W_bar): two units."""
-    T = rmul(S, B)
-    E = lmul(A, T) - W_bar
+def forward(A, S, B, W_bar, T=None, E=None):
+    """(T = S B, E = A T - W_bar): two units (into T, E when given)."""
+    T = rmul(S, B, T)
+    E = lmul(A, T, E).sub_(W_bar)
     return T, E
 
 
-def weighted_residual(E: torch.Tensor, h: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """G = (2/Z) E (.) h = dL/d(A S B)."""
-    return E * (h * (2.0 / Z)[:, None])[:, None, :]
+def weighted_residual(E: torch.Tensor, hz: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """G = E (.) hz = dL/d(A S B), with hz = (2/Z) h [K, d_in]."""
+    return torch.mul(E, hz[:, None, :], out=_out(E, out))
 
 
 def loss_from(E: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """L [K] (fp64) = 1/2 sum E (.) G, which equals sum h E^2 / Z."""
-    return 0.5 * (E * G).sum(dim=(1, 2), dtype=torch.float64)
+    return 0.5 * torch.stack([torch.dot(e.view(-1), g.view(-1)) for e, g in zip(E, G)]).double()
 
 
-def core_gradient(A, B, G):
+def core_gradient(A, B, G, dT=None, Gamma=None):
     """(dT = A^T G, Gamma = dT B^T): two units."""
-    dT = lmul_t(A, G)
-    return dT, rmul_t(dT, B)
+    dT = lmul_t(A, G, dT)
+    return dT, rmul_t(dT, B, Gamma)
 
 
 def wrapper_gradients(G, T, S, dT, b: int):

@@ -97,7 +97,7 @@ def select(scores: torch.Tensor, rand: torch.Tensor, selection: str):
 def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool) -> dict:
     """Apply one exact round to the batched state ``st`` in place; return per-layer counts.
 
-    ``st`` holds A, B, V, M, S, T, E, dT, Gamma, h, Z (and the Adam moments mV, vV). cand [K, n0, n1]."""
+    ``st`` holds A, B, V, M, S, T, E, dT, Gamma, h, Z (and the Adam moments m_V, v_V). cand [K, n0, n1]."""
     A, B, S, h, Z = st["A"], st["B"], st["S"], st["h"], st["Z"]
     K, d_out, d_in = S.shape
     n0, n1, g4 = d_out // b, d_in // b, b // 4
@@ -128,19 +128,20 @@ def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool)
     six(S)[kk, pp, ii, qq, gg] = s_new
     if reset_moments:
         keep = (~changed)[..., None].to(S.dtype)
-        for key in ("mV", "vV"):
+        for key in ("m_V", "v_V"):
             if key in st:
                 six(st[key])[kk, pp, ii, qq, gg] = six(st[key])[kk, pp, ii, qq, gg] * keep
     # Rank-one refresh of the cached products, one term per tile (a few d_out*d_in FLOP in all).
     ds = s_new - s_old  # zero where not accepted
     dTrow = (ds[..., None, :] @ Bg)[..., 0, :]  # [K, n0, n1, b]: change of row i of T in column block q
+    tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] view
     st["T"].view(K, n0, b, n1, b)[kk, pp, ii, qq] += dTrow
-    st["E"].view(K, n0, b, n1, b).add_(torch.einsum("kpqi,kpqj->kpiqj", a, dTrow))
+    tiles(st["E"]).addcmul_(a[..., :, None], dTrow[..., None, :])
     Ata = torch.einsum("kpjm,kpqj->kpqm", A, a)  # A_p^T a
-    w = dTrow * hq * (2.0 / Z)[:, None, None, None]
-    st["dT"].view(K, n0, b, n1, b).add_(torch.einsum("kpqi,kpqj->kpiqj", Ata, w))
+    w = dTrow * (hq * (2.0 / Z)[:, None, None, None])
+    tiles(st["dT"]).addcmul_(Ata[..., :, None], w[..., None, :])
     wB = torch.einsum("kpqj,kqmj->kpqm", w, B)  # w B_q^T
-    st["Gamma"].view(K, n0, b, n1, b).add_(torch.einsum("kpqi,kpqj->kpiqj", Ata, wB))
+    tiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])
     return {
         "failed_solves": failed.flatten(1).sum(1),
         "mask_changes": changed.flatten(1).sum(1),
