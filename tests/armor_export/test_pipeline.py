@@ -1,0 +1,132 @@
+"""The spine on a tiny random Llama: calibrate -> solve -> artifact -> runtime -> perplexity."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from armor_export import pipeline
+from armor_export.artifact import load_artifact, read_manifest
+from armor_export.calibration import windows
+from armor_export.config import CalibConfig, EvalConfig
+from armor_export.corpus import CorpusError, default_split, text_files
+from armor_export.evaluate import perplexity
+from engines.torch_module import load_armor_model
+from solver.baselines import nowag_score, prune_by_score
+from solver.config import SolverConfig
+from solver.sparsity import is_24
+
+
+def _calib(tiny_text_dir, **kw):
+    return CalibConfig(text=str(tiny_text_dir / "calib"), samples=6, seqlen=48, **kw)
+
+
+def test_nowag_artifact_equals_pruning_in_pytorch(tiny_model_dir, tiny_text_dir, tmp_path):
+    calib = _calib(tiny_text_dir)
+    out = pipeline.prune(str(tiny_model_dir), SolverConfig(method="nowag"), calib, tmp_path / "a", progress=False)
+    man = read_manifest(out)
+    assert len(man["targets"]) == 2 * 7 and man["method"] == "nowag"
+    assert man["calibration"]["windows"] == 6 and len(man["calibration"]["sha256"]) == 64
+
+    # prune the same model in PyTorch directly, from the same statistics
+    loaded = pipeline.load(str(tiny_model_dir))
+    tokens = pipeline.calibration_windows(loaded.tokenizer, calib)
+    stats = pipeline.collect_stats(loaded, man["targets"], tokens, full=False, progress=False)
+    with torch.no_grad():
+        for name in man["targets"]:
+            lin = loaded.model.get_submodule(name)
+            lin.weight.copy_(prune_by_score(lin.weight, nowag_score(lin.weight, stats[name].h))[0])
+    model, art = load_armor_model(out)
+    for lf in art.layers.values():
+        assert is_24(lf.factors.S) and lf.factors.A_blocks is None
+    ids = torch.randint(0, model.config.vocab_size, (2, 33))
+    with torch.no_grad():
+        # identical math (A = B = I), fp32: exact up to kernel reassociation
+        torch.testing.assert_close(model(input_ids=ids).logits, loaded.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_mode_changes_only_later_blocks(tiny_model_dir, tiny_text_dir):
+    loaded = pipeline.load(str(tiny_model_dir))
+    tokens = pipeline.calibration_windows(loaded.tokenizer, _calib(tiny_text_dir))
+    names = [n for n in pipeline.target_names(loaded.family, 2)]
+    dense = pipeline.collect_stats(loaded, names, tokens, full=False, progress=False)
+    seen = {}
+
+    def record(i, block, bstats):
+        for local, st in bstats.items():
+            seen[f"model.layers.{i}.{local}"] = st
+        # prune the block's linears to zero: later blocks must then see different inputs
+        for local in loaded.family.linears:
+            block.get_submodule(local).weight.data.zero_()
+
+    from armor_export.capture import iterate_blocks
+
+    for _ in iterate_blocks(loaded.model, loaded.family, tokens.token_ids, full=False, mode="sequential",
+                            prune_block=record, progress=False):
+        pass
+    first = "model.layers.0.self_attn.q_proj"
+    later = "model.layers.1.self_attn.q_proj"
+    torch.testing.assert_close(seen[first].h, dense[first].h, rtol=0, atol=0)
+    assert not torch.allclose(seen[later].h, dense[later].h)
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    V = 37
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, use_cache=False):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, V))
+
+    ids = torch.randint(0, V, (3, 10))
+    # cross-entropy is computed in fp32: log(V) carries ~1e-7 relative error
+    assert math.isclose(perplexity(Uniform(), ids, progress=False), V, rel_tol=1e-6)
+
+
+def test_calibration_windows_are_deterministic_and_checked(tiny_model_dir, tiny_text_dir):
+    loaded = pipeline.load(str(tiny_model_dir))
+    files = text_files(tiny_text_dir / "calib")
+    a = windows(loaded.tokenizer, files, 5, 32, seed=3, what="calibration")
+    b = windows(loaded.tokenizer, files, 5, 32, seed=3, what="calibration")
+    assert torch.equal(a.token_ids, b.token_ids) and a.sha256 == b.sha256
+    with pytest.raises(CorpusError, match="windows of 100000"):
+        windows(loaded.tokenizer, files, 1, 100000, seed=0, what="calibration")
+
+
+def test_default_corpus_split_is_by_file():
+    calib, held_out = default_split()
+    assert len(calib) == 36 and len(held_out) == 6
+    assert held_out[0].name.startswith("timon") and held_out[-1].name == "winters_tale_gut.txt"
+    assert not set(calib) & set(held_out)
+
+
+def test_cli_prune_eval_report(tiny_model_dir, tiny_text_dir, tmp_path, capsys):
+    from armor_export.cli import main
+
+    out = tmp_path / "cli-art"
+    rc = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--calib-text",
+               str(tiny_text_dir / "calib"), "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out)])
+    assert rc == 0 and load_artifact(out).manifest["method"] == "wanda"
+    rc = main(["eval", "--artifact", str(out), "--eval-text", str(tiny_text_dir / "eval"), "--eval-windows", "2",
+               "--eval-seqlen", "32", "--json", str(tmp_path / "ppl.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "ppl.json").read_text())
+    assert res["windows"] == 2 and math.isfinite(res["perplexity"]) and res["perplexity"] > 1
+    assert main(["report", "--artifact", str(out)]) == 0
+    # an existing output is refused without --overwrite, with exit code 2 and a clear message
+    rc = main(["prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--out", str(out)])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_eval_config_rejects_nonsense():
+    with pytest.raises(ValueError):
+        EvalConfig(windows=0)
+    with pytest.raises(ValueError, match="calibration mode"):
+        CalibConfig(mode="bogus")
