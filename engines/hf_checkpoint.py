@@ -1,0 +1,287 @@
+"""The ARMOR Hugging-Face-style checkpoint folder (what TensorRT-LLM's PyTorch backend loads).
+
+Layout (format ``armor-export/hf-checkpoint``, version 1):
+  config.json          the source config, plus
+                         ``architectures``: [our registered class, e.g. "ArmorLlamaForCausalLM"]
+                         ``torch_dtype`` / ``dtype``: the checkpoint dtype
+                         ``armor``: format, format_version, block_size, targets (local projection names),
+                                    layers {fqn: shape, block_size, has_A, has_B, has_bias},
+                                    s_storage, fusion, source_architectures
+  model.safetensors    per pruned projection ``{fqn}``:
+                         {fqn}.A [d_out/b, b, b]  (absent = identity)
+                         {fqn}.S [d_out, d_in]    2:4 along d_in, stored DENSE with +0.0 zeros
+                         {fqn}.B [d_in/b, b, b]   (absent = identity)
+                         {fqn}.bias [d_out]       (absent = no bias)
+                       every other tensor under its Hugging Face name (tied lm_head omitted)
+  tokenizer / generation files copied from the artifact.
+S is stored dense (not packed) because that is what ``torch.sparse.to_sparse_semi_structured`` and
+TensorRT's weight-sparsity detection consume; the zeros cost 2x S's bytes on disk.
+Projections are never fused: q/k/v and gate/up each carry their own B (input factor), so a fused
+GEMM would need B shared; the armor block records this as ``fusion``.
+
+``load_checkpoint_model(dir, dtype=, device=, semi_structured=)`` loads it into the plain PyTorch
+runtime (``engines.torch_module.ArmorLinear``); the same function serves CPU and CUDA checks.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from armor_export.adapters import family_for, split_name
+from armor_export.artifact import Artifact, copy_model_files, load_artifact
+from armor_export.fsutil import atomic_dir
+from solver.sparsity import is_24, positive_zeros
+
+CKPT_FORMAT = "armor-export/hf-checkpoint"
+CKPT_VERSION = 1
+WEIGHTS = "model.safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
+FUSION_NOTE = ("unfused: q/k/v and gate/up have different input factors B, so each projection keeps its own "
+               "A.S.B; TensorRT-LLM's fused qkv_proj / gate_up_proj are emulated by concatenating outputs")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not follow the ARMOR HF-checkpoint schema."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def checkpoint_tensors(art: Artifact, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, cast to ``dtype``; zeros of S are +0.0 after the cast
+    (a tiny negative value rounds to -0.0 in fp16/bf16 and is normalised here)."""
+    out = {}
+    for name, t in art.base.items():
+        out[name] = t.to(dtype) if t.is_floating_point() else t
+    for fqn, lf in art.layers.items():
+        f = lf.factors
+        out[f"{fqn}.S"] = positive_zeros(f.S.to(dtype))
+        if f.A_blocks is not None:
+            out[f"{fqn}.A"] = f.A_blocks.to(dtype)
+        if f.B_blocks is not None:
+            out[f"{fqn}.B"] = f.B_blocks.to(dtype)
+        if lf.bias is not None:
+            out[f"{fqn}.bias"] = lf.bias.to(dtype)
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def armor_config(art: Artifact, source_config: dict, dtype: torch.dtype) -> dict:
+    fam = family_for(source_config.get("model_type"), str(art.path / "config.json"))
+    sizes = {lf.factors.block_size for lf in art.layers.values()} - {None}
+    targets = sorted({split_name(fam, n)[1] for n in art.layers})
+    cfg = dict(source_config)
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [fam.trtllm_architecture]
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES[dtype]
+    cfg["armor"] = {
+        "format": CKPT_FORMAT,
+        "format_version": CKPT_VERSION,
+        "family": fam.name,
+        "block_size": sizes.pop() if len(sizes) == 1 else None,
+        "targets": targets,
+        "layers": {n: {"shape": list(lf.factors.S.shape), "block_size": lf.factors.block_size,
+                       "has_A": lf.factors.A_blocks is not None, "has_B": lf.factors.B_blocks is not None,
+                       "has_bias": lf.bias is not None} for n, lf in art.layers.items()},
+        "s_storage": "dense, 2:4 along d_in (axis 1), +0.0 zeros",
+        "product": "y = ((x . B^T) . S^T) . A^T + bias (A, B block-diagonal, stored as [n, b, b] blocks)",
+        "fusion": FUSION_NOTE,
+        "source_architectures": source_config.get("architectures"),
+        "method": art.manifest.get("method"),
+    }
+    return cfg
+
+
+def write_checkpoint(artifact_dir: Path, out_dir: Path, *, dtype: str | torch.dtype | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write the ARMOR HF checkpoint of an artifact atomically; return the folder."""
+    from safetensors.torch import save_file
+
+    art = load_artifact(artifact_dir)
+    dt = resolve_dtype(dtype)
+    source = json.loads((Path(artifact_dir) / "config.json").read_text())
+    cfg = armor_config(art, source, dt)
+    tensors = checkpoint_tensors(art, dt)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        copy_model_files(art.path, tmp)
+        for extra in ("manifest.json",):
+            (tmp / extra).unlink(missing_ok=True)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "armor_format": CKPT_FORMAT,
+                                                         "armor_format_version": str(CKPT_VERSION)})
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------- reading and checking
+
+def read_config(ckpt_dir: Path) -> dict:
+    p = Path(ckpt_dir) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing")
+    cfg = json.loads(p.read_text())
+    armor = cfg.get("armor")
+    if not isinstance(armor, dict) or armor.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{p}: no 'armor' section of format {CKPT_FORMAT!r}; not an ARMOR checkpoint")
+    if armor.get("format_version") != CKPT_VERSION:
+        raise CheckpointError(f"{p}: armor format_version {armor.get('format_version')} is not {CKPT_VERSION}")
+    return cfg
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (name -> dtype, shape, data_offsets), read from the bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def s_bytes_report(weights_file: Path, names: list[str]) -> dict[str, dict]:
+    """For every S tensor: 2:4 along the last axis and +0.0 zeros, checked on the raw bytes of the file.
+
+    Zero test on the bit pattern: a value is zero when all bits except the sign are 0; -0.0 is the
+    sign bit alone (0x8000 for 16-bit, 0x80000000 for 32-bit)."""
+    import numpy as np
+
+    header = read_safetensors_header(weights_file)
+    data_start = 8 + struct.unpack("<Q", open(weights_file, "rb").read(8))[0]
+    out = {}
+    with open(weights_file, "rb") as f:
+        for name in names:
+            h = header.get(name)
+            if h is None:
+                out[name] = {"present": False, "is_24": False, "negative_zeros": None}
+                continue
+            width = SAFETENSORS_DTYPES.get(h["dtype"])
+            if width is None:
+                out[name] = {"present": True, "dtype": h["dtype"], "is_24": False, "negative_zeros": None}
+                continue
+            begin, end = h["data_offsets"]
+            f.seek(data_start + begin)
+            bits = np.frombuffer(f.read(end - begin), dtype=np.uint16 if width == 2 else np.uint32)
+            sign = np.uint16(0x8000) if width == 2 else np.uint32(0x80000000)
+            d_in = h["shape"][-1]
+            ok_shape = d_in % 4 == 0
+            zero = (bits & ~sign) == 0
+            nonzero_per_group = (~zero).reshape(-1, 4).sum(axis=1) if ok_shape else None
+            out[name] = {"present": True, "dtype": h["dtype"], "shape": h["shape"],
+                         "is_24": bool(ok_shape and (nonzero_per_group <= 2).all()),
+                         "zero_fraction": float(zero.mean()),
+                         "negative_zeros": int((bits == sign).sum())}
+    return out
+
+
+def schema_problems(ckpt_dir: Path, art: Artifact | None = None) -> list[str]:
+    """Everything wrong with a checkpoint's config and tensor table (empty list = valid).
+
+    With ``art`` also compares names and shapes with the artifact it was written from."""
+    ckpt_dir = Path(ckpt_dir)
+    problems: list[str] = []
+    try:
+        cfg = read_config(ckpt_dir)
+    except (CheckpointError, json.JSONDecodeError) as e:
+        return [str(e)]
+    armor = cfg["armor"]
+    try:
+        fam = family_for(cfg.get("model_type"), "config.json")
+    except ValueError as e:
+        return [str(e)]
+    if cfg.get("architectures") != [fam.trtllm_architecture]:
+        problems.append(f"architectures {cfg.get('architectures')} != [{fam.trtllm_architecture!r}]")
+    for key in ("block_size", "targets", "layers", "s_storage", "fusion"):
+        if key not in armor:
+            problems.append(f"armor.{key} missing")
+    dtype_name = cfg.get("torch_dtype")
+    st_dtype = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}.get(dtype_name)
+    if st_dtype is None:
+        problems.append(f"torch_dtype {dtype_name!r} is not float16/bfloat16/float32")
+    wf = ckpt_dir / WEIGHTS
+    if not wf.is_file():
+        return problems + [f"{wf} missing"]
+    header = read_safetensors_header(wf)
+    for fqn, info in armor.get("layers", {}).items():
+        d_out, d_in = info["shape"]
+        b = info.get("block_size")
+        expect = {f"{fqn}.S": [d_out, d_in]}
+        if info.get("has_A"):
+            expect[f"{fqn}.A"] = [d_out // b, b, b]
+        if info.get("has_B"):
+            expect[f"{fqn}.B"] = [d_in // b, b, b]
+        if info.get("has_bias"):
+            expect[f"{fqn}.bias"] = [d_out]
+        for name, shape in expect.items():
+            h = header.get(name)
+            if h is None:
+                problems.append(f"tensor {name} missing")
+            elif h["shape"] != shape:
+                problems.append(f"tensor {name} has shape {h['shape']}, expected {shape}")
+            elif st_dtype and h["dtype"] != st_dtype:
+                problems.append(f"tensor {name} has dtype {h['dtype']}, expected {st_dtype}")
+        if f"{fqn}.weight" in header:
+            problems.append(f"tensor {fqn}.weight present: pruned projections must be stored as A/S/B")
+    if art is not None:
+        if set(armor.get("layers", {})) != set(art.layers):
+            problems.append("armor.layers does not list exactly the artifact's pruned linears")
+        for name, t in art.base.items():
+            h = header.get(name)
+            if h is None:
+                problems.append(f"base tensor {name} missing")
+            elif h["shape"] != list(t.shape):
+                problems.append(f"base tensor {name} has shape {h['shape']}, expected {list(t.shape)}")
+    return problems
+
+
+# ---------------------------------------------------------------- the plain PyTorch runtime
+
+def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
+                          semi_structured: bool = False):
+    """The HF model of the checkpoint with every projection an ``ArmorLinear`` (no TensorRT-LLM).
+
+    ``dtype`` None keeps the stored dtype. Returns (model, config dict, number of S turned into
+    semi-structured tensors)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engines.torch_module import ArmorLinear, set_submodule
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = read_config(ckpt_dir)
+    stored = resolve_dtype({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[cfg["torch_dtype"]])
+    dt = stored if dtype is None else resolve_dtype(dtype)
+    tensors = load_file(str(ckpt_dir / WEIGHTS))
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    layers = cfg["armor"]["layers"]
+    for fqn in layers:
+        get = (lambda s: None if f"{fqn}.{s}" not in tensors else tensors.pop(f"{fqn}.{s}").to(dt))
+        S = get("S")
+        if S is None or not is_24(S):
+            raise CheckpointError(f"{ckpt_dir / WEIGHTS}: {fqn}.S missing or not 2:4")
+        set_submodule(model, fqn, ArmorLinear(S, get("A"), get("B"), get("bias")))
+    missing, unexpected = model.load_state_dict({k: v.to(dt) if v.is_floating_point() else v
+                                                 for k, v in tensors.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    armor_bufs = {n for n in missing if n.rpartition(".")[0] in layers}
+    bad = sorted(set(missing) - tied - armor_bufs)
+    if bad or unexpected:
+        raise CheckpointError(f"{ckpt_dir / WEIGHTS}: does not match config.json (missing {bad[:5]}, "
+                              f"unexpected {list(unexpected)[:5]})")
+    if tied:
+        model.tie_weights()
+    model.to(device=device, dtype=dt)
+    n_sparse = 0
+    if semi_structured:
+        n_sparse = sum(bool(m.to_semi_structured()) for m in model.modules() if isinstance(m, ArmorLinear))
+    model.eval()
+    return model, cfg, n_sparse
