@@ -1,0 +1,93 @@
+"""Smoke runs of the throughput benchmarks on CPU: tiny shapes, few iterations, schema checks.
+
+The layer benchmark must check every variant for correctness before timing it; the end-to-end
+benchmark runs dense vs ARMOR on the tiny artifact (PyTorch always; ONNX Runtime when the ONNX
+exporter and onnxruntime are importable, otherwise it records a skip with a reason). The GPU-only
+paths (semi-structured backends, Triton) share these functions and are gated by the ``gpu`` marker.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_layer, shapes
+
+
+def test_shape_suites_and_limit():
+    s = shapes.get_suite("qwen2.5-14b")
+    assert [r[0] for r in s.layers()] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert shapes.overhead(128, 5120, 13824) == pytest.approx(0.0343, abs=1e-4)
+    assert shapes.limit(128, 5120, 13824) == pytest.approx(1.872, abs=1e-3)
+    for suite in shapes.SUITES.values():  # the default block size divides every shape
+        assert all(d_in % suite.block_size == 0 and d_out % suite.block_size == 0 for _, d_in, d_out in suite.layers())
+    with pytest.raises(ValueError, match="unknown shape suite"):
+        shapes.get_suite("gpt-5")
+
+
+def test_layer_smoke_schema_and_correctness(tmp_path):
+    out = tmp_path / "layer.json"
+    res = bench_layer.main(["--smoke", "--layers", "q,down", "--blockdiag", "torch,triton", "--out", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["schema"] == bench_layer.SCHEMA and on_disk["schema_version"] == 1
+    assert {"device", "torch", "date_utc"} <= set(on_disk["env"])
+    rows = on_disk["results"]
+    variants = {(r["variant"], r["backend"]) for r in rows}
+    assert variants == {("dense", "dense"), ("2:4", "dense-storage"), ("armor", "dense-storage"),
+                        ("armor-triton", "dense-storage")}
+    assert len(rows) == 2 * 2 * 2 * 4  # layers x dtypes x M x variants
+    for r in rows:  # every variant was checked, and passed, before timing
+        assert r["correct"] is not None and r["correct"]["passed"], r
+        assert r["median_ms"] > 0 and r["runs"] >= 3 and r["rotating_inputs"] >= 1
+    for s in on_disk["summary"]:
+        assert {"speedup_24", "speedup_armor", "armor_frac_of_24", "limit", "overhead"} <= set(s)
+        assert s["limit"] == pytest.approx(1 / (0.5 + s["overhead"]))
+    assert out.with_suffix(".png").is_file()
+    assert res["summary"] == on_disk["summary"]
+
+
+def test_layer_check_catches_a_wrong_variant():
+    S, A, B = bench_layer.make_factors(32, 16, 8, seed=0)
+    x = torch.randn(4, 32)
+    wrong = lambda v: v @ S.T  # noqa: E731  (plain 2:4 output checked against the ARMOR weight)
+    from solver.blockdiag import product
+
+    assert not bench_layer.check(wrong, x, product(A, S, B), "fp32")["passed"]
+    assert bench_layer.check(wrong, x, S, "fp32")["passed"]
+
+
+@pytest.mark.gpu
+def test_layer_gpu_backends_quick(tmp_path):
+    res = bench_layer.main(["--suite", "smollm2-135m", "--layers", "gate", "--m", "16,128", "--dtype", "fp16",
+                            "--iters", "5", "--out", str(tmp_path / "g.json"), "--plot", "none"])
+    assert all(r["correct"]["passed"] for r in res["results"] if r["correct"] is not None)
+
+
+def test_blockdiag_impls_match_the_module_on_cpu():
+    from engines.blockdiag_triton import armor_forward, block_diag_apply, describe
+    from engines.torch_module import ArmorLinear
+    from solver.blockdiag import apply_input_side
+
+    S, A, B = bench_layer.make_factors(48, 32, 16, seed=1)
+    x = torch.randn(2, 5, 48)
+    assert describe("cpu") == "torch-fallback"
+    torch.testing.assert_close(block_diag_apply(x, B), apply_input_side(x, B), rtol=0, atol=0)
+    m = ArmorLinear(S, A, B, torch.randn(32))
+    with torch.inference_mode():
+        torch.testing.assert_close(armor_forward(m, x), m(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown block-diagonal"):
+        block_diag_apply(x, B, impl="cuda-magic")
+
+
+@pytest.mark.gpu
+def test_blockdiag_triton_matches_torch_on_gpu():
+    from engines.blockdiag_triton import block_diag_apply, triton_usable
+
+    if not triton_usable("cuda"):
+        pytest.skip("triton is not installed")
+    for T, b in ((1, 32), (77, 64), (300, 128)):
+        blocks = torch.randn(6, b, b, device="cuda", dtype=torch.float16) / b ** 0.5
+        x = torch.randn(T, 6 * b, device="cuda", dtype=torch.float16)
+        ref = block_diag_apply(x.float(), blocks.float(), impl="torch")
+        torch.testing.assert_close(block_diag_apply(x, blocks).float(), ref, rtol=2e-2, atol=2e-2)
