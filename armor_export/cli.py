@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="calibrate and solve; write a factor artifact")
     _add_model(pr), _add_calib(pr), _add_solver(pr), _add_out(pr, None)
+    sc = pr.add_argument_group("scale and reliability")
+    sc.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="checkpoint finished layers in OUT.partial/ and reuse them after a crash (default on)")
+    sc.add_argument("--layer-by-layer", action="store_true",
+                    help="load one decoder layer at a time (bounded memory; dense calibration only)")
 
     ev = sub.add_parser("eval", help="perplexity of a dense model (--model) or of an artifact (--artifact)")
     _add_model(ev), _add_eval(ev)
@@ -124,11 +129,18 @@ def eval_config(a):
 
 
 def cmd_prune(a) -> int:
-    from armor_export import pipeline, report
+    """Also the torchrun entry: ``torchrun --nproc-per-node N -m armor_export prune ...``."""
+    from armor_export import pipeline, report, shard
 
-    out = pipeline.prune(a.model, solver_config(a), calib_config(a), a.out, ignore=tuple(a.ignore),
-                         overwrite=a.overwrite)
-    report.print_artifact(out)
+    cfg, calib = solver_config(a), calib_config(a)  # validate options before joining the process group
+    dist = shard.init_from_env(a.device)
+    try:
+        out = pipeline.prune(a.model, cfg, calib, a.out, ignore=tuple(a.ignore), overwrite=a.overwrite,
+                             resume=a.resume, layerwise=a.layer_by_layer, dist=dist)
+        if dist.main:
+            report.print_artifact(out)
+    finally:
+        dist.close()
     return 0
 
 

@@ -15,14 +15,16 @@ import torch
 from torch import nn
 
 from armor_export import __version__
-from armor_export.adapters import Family, target_names
+from armor_export.adapters import Family, split_name, target_names
 from armor_export.artifact import LayerFactors, save_artifact
 from armor_export.calibration import TokenWindows, windows
 from armor_export.capture import iterate_blocks
 from armor_export.config import CalibConfig, EvalConfig, to_dict
 from armor_export.corpus import default_split, text_files
 from armor_export.evaluate import perplexity
-from armor_export.models import load_model, model_id, resolve_model
+from armor_export.models import load_model, model_id, read_family, resolve_model
+from armor_export.resume import LayerStore, model_fingerprint
+from armor_export.shard import DistContext, assign, chunks, layer_cost
 from solver.blockdiag import check_block_size
 from solver.config import SolverConfig
 from solver.methods import Problem, get_method, solve
@@ -36,12 +38,35 @@ class Loaded:
     model: nn.Module
     tokenizer: object
     family: Family
+    lazy: object = None  # lazy_load.Checkpoint when layers are loaded one at a time (model is a skeleton)
 
 
-def load(spec) -> Loaded:
+def load(spec, *, layerwise: bool = False) -> Loaded:
     folder = resolve_model(spec)
-    model, tok, family = load_model(folder)
-    return Loaded(folder, model, tok, family)
+    if not layerwise:
+        model, tok, family = load_model(folder)
+        return Loaded(folder, model, tok, family)
+    from transformers import AutoTokenizer
+
+    from armor_export.lazy_load import Checkpoint, skeleton
+
+    family = read_family(folder)
+    ckpt = Checkpoint(folder)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return Loaded(folder, skeleton(folder, family, ckpt), tok, family, ckpt)
+
+
+def weight_of(loaded: Loaded, name: str) -> torch.Tensor:
+    if loaded.lazy is not None:
+        return loaded.lazy.read([f"{name}.weight"])[f"{name}.weight"]
+    return loaded.model.get_submodule(name).weight.detach().float()
+
+
+def bias_of(loaded: Loaded, name: str) -> torch.Tensor | None:
+    if loaded.lazy is not None:
+        return loaded.lazy.get(f"{name}.bias")
+    bias = loaded.model.get_submodule(name).bias
+    return None if bias is None else bias.detach().float().clone()
 
 
 def calibration_windows(tok, cfg: CalibConfig) -> TokenWindows:
@@ -54,8 +79,9 @@ def eval_windows(tok, cfg: EvalConfig) -> TokenWindows:
     return windows(tok, files, cfg.windows, cfg.seqlen, seed=None, what="evaluation")
 
 
-def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig) -> None:
-    """Fail before any work when a target layer cannot be pruned with these settings."""
+def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig, weight=None) -> None:
+    """Fail before any work when a target layer cannot be pruned with these settings.
+    ``weight(name)`` reads a weight when the model is a layer-by-layer skeleton."""
     uses_blocks = get_method(solver_cfg.method).uses_wrappers
     for n in names:
         lin = model.get_submodule(n)
@@ -64,7 +90,7 @@ def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig) 
         check_24_shape(lin.in_features, n)
         if uses_blocks:
             check_block_size(lin.out_features, lin.in_features, solver_cfg.block_size, n)
-        w = lin.weight
+        w = lin.weight if weight is None else weight(n)
         if not torch.isfinite(w).all():
             bad = int((~torch.isfinite(w)).sum())
             raise ValueError(f"{n}: weight has {bad} NaN/Inf entries; the checkpoint is corrupt")
@@ -74,39 +100,60 @@ def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, ful
                   progress: bool = True) -> dict[str, LayerStats]:
     """Dense one-pass statistics for every target (the paper's calibration)."""
     wanted, stats = set(names), {}
-    for i, bstats in iterate_blocks(loaded.model, loaded.family, tokens.token_ids, full=full, mode="dense",
-                                    batch_size=batch_size, progress=progress):
+    if not names:
+        return stats
+    last = max(split_name(loaded.family, n)[0] for n in names)  # later blocks are not needed
+    if loaded.lazy is not None:
+        from armor_export.lazy_load import iterate_blocks_lazy
+
+        blocks = iterate_blocks_lazy(loaded.model, loaded.lazy, loaded.family, tokens.token_ids, full=full,
+                                     batch_size=batch_size, last=last, progress=progress)
+    else:
+        blocks = iterate_blocks(loaded.model, loaded.family, tokens.token_ids, full=full, mode="dense",
+                                batch_size=batch_size, progress=progress)
+    for i, bstats in blocks:
         for local, st in bstats.items():
             fqn = f"{loaded.family.layers_path}.{i}.{local}"
             if fqn in wanted:
                 stats[fqn] = st
+        if i >= last:
+            break
     return stats
 
 
-def _problems(model: nn.Module, names: list[str], stats: dict[str, LayerStats] | None) -> list[Problem]:
-    return [Problem(n, model.get_submodule(n).weight.detach().float(), None if stats is None else stats[n])
-            for n in names]
+def _problems(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] | None) -> list[Problem]:
+    return [Problem(n, weight_of(loaded, n), None if stats is None else stats[n]) for n in names]
 
 
-def _layer_factors(model: nn.Module, name: str, result, method: str, stats: LayerStats | None) -> LayerFactors:
+def _layer_factors(loaded: Loaded, name: str, result, method: str, stats: LayerStats | None) -> LayerFactors:
     f = result.factors.validated(name)
-    bias = model.get_submodule(name).bias
     info = {"method": method, **result.report.to_dict()}
     if stats is not None:
         info["calib_tokens"] = stats.n_tokens
         info["dropped_tokens"] = stats.dropped_tokens
-    return LayerFactors(f, None if bias is None else bias.detach().float().clone(), info)
+    return LayerFactors(f, bias_of(loaded, name), info)
 
 
 def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] | None,
-                solver_cfg: SolverConfig) -> dict[str, LayerFactors]:
-    results = solve(solver_cfg.method, _problems(loaded.model, names, stats), solver_cfg)
-    return {n: _layer_factors(loaded.model, n, r, solver_cfg.method, None if stats is None else stats[n])
-            for n, r in zip(names, results)}
+                solver_cfg: SolverConfig, store: LayerStore | None = None) -> dict[str, LayerFactors]:
+    """Solve ``names`` in chunks of same-shaped layers (``shard.chunks``); each finished chunk is
+    checkpointed into ``store`` when given. Layers already in the store are loaded, not solved."""
+    done = store.done() if store is not None else set()
+    out = {n: store.load(n) for n in names if n in done}
+    todo = [n for n in names if n not in done]
+    shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in todo}
+    for chunk in chunks(todo, shapes, solver_cfg.max_batch):
+        results = solve(solver_cfg.method, _problems(loaded, chunk, stats), solver_cfg)
+        for n, r in zip(chunk, results):
+            out[n] = _layer_factors(loaded, n, r, solver_cfg.method, None if stats is None else stats[n])
+            if store is not None:
+                store.save(n, out[n])
+    return {n: out[n] for n in names}
 
 
 def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, solver_cfg: SolverConfig,
-                     calib: CalibConfig, progress: bool = True) -> dict[str, LayerFactors]:
+                     calib: CalibConfig, progress: bool = True, store: LayerStore | None = None
+                     ) -> dict[str, LayerFactors]:
     """Block by block: calibrate on the already-pruned prefix, solve the block, swap it in."""
     from engines.torch_module import ArmorLinear, set_submodule
 
@@ -117,7 +164,7 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
         prefix = f"{fam.layers_path}.{i}."
         mine = [n for n in names if n.startswith(prefix)]
         stats = {n: bstats[n[len(prefix):]] for n in mine}
-        out.update(solve_dense(loaded, mine, stats, solver_cfg))
+        out.update(solve_dense(loaded, mine, stats, solver_cfg, store))
         for n in mine:
             lf = out[n]
             set_submodule(block, n[len(prefix):], ArmorLinear(lf.factors.S, lf.factors.A_blocks,
@@ -129,9 +176,12 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
     return out
 
 
-def base_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+def base_tensors(model: nn.Module, names: list[str], lazy=None) -> dict[str, torch.Tensor]:
     pruned = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
-    sd = {k: v for k, v in model.state_dict().items() if k not in pruned}
+    if lazy is not None:
+        sd = lazy.read([k for k in lazy.keys() if k not in pruned])
+    else:
+        sd = {k: v for k, v in model.state_dict().items() if k not in pruned}
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     return sd
@@ -145,34 +195,82 @@ def library_versions() -> dict:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
+def run_settings(loaded: Loaded, names: list[str], solver_cfg: SolverConfig, calib: CalibConfig,
+                 tokens: TokenWindows | None) -> dict:
+    """Everything that changes a layer's result: the key of the resume store."""
+    return {"armor_export": __version__, "model": model_fingerprint(loaded.folder), "targets": names,
+            "solver": solver_cfg.to_dict(),
+            "calibration": None if tokens is None else {"sha256": tokens.sha256, **to_dict(calib)}}
+
+
+def _log(msg: str, dist: DistContext) -> None:
+    import sys
+
+    print(f"armor-export: [rank {dist.rank}/{dist.world}] {msg}" if dist.world > 1 else f"armor-export: {msg}",
+          file=sys.stderr, flush=True)
+
+
 def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *, ignore: tuple[str, ...] = (),
-          overwrite: bool = False, progress: bool = True, loaded: Loaded | None = None) -> Path:
-    """The whole prune stage: model -> calibration -> per-layer solve -> artifact at ``out``."""
+          overwrite: bool = False, progress: bool = True, loaded: Loaded | None = None, resume: bool = True,
+          layerwise: bool = False, dist: DistContext | None = None) -> Path:
+    """The whole prune stage: model -> calibration -> per-layer solve -> artifact at ``out``.
+
+    resume: checkpoint every finished chunk of layers in ``<out>.partial/`` and reuse layers found
+    there from an interrupted run with the same settings (``armor_export.resume``).
+    layerwise: load one decoder layer at a time (``armor_export.lazy_load``; dense calibration only).
+    dist: a torchrun context (``armor_export.shard``): each rank solves its share; rank 0 writes.
+    """
     t0 = time.perf_counter()
     out = Path(out)
+    dist = dist or DistContext()
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    loaded = loaded or load(model_spec)
+    if layerwise and calib.mode == "sequential":
+        raise ValueError("layer-by-layer loading supports only --calib-mode dense")
+    if dist.world > 1 and calib.mode == "sequential":
+        raise ValueError("a distributed solve supports only --calib-mode dense (sequential blocks depend on "
+                         "each other); run sequential mode in one process")
+    loaded = loaded or load(model_spec, layerwise=layerwise)
     model, fam = loaded.model, loaded.family
     names = target_names(fam, len(model.get_submodule(fam.layers_path)), ignore)
     if not names:
         raise ValueError("no linear layer left to prune (every target matched --ignore)")
-    check_targets(model, names, solver_cfg)
+    check_targets(model, names, solver_cfg, None if loaded.lazy is None else (lambda n: weight_of(loaded, n)))
     method = get_method(solver_cfg.method)
-    tokens, calib_seconds = None, 0.0
+    tokens = None if method.needs == "none" else calibration_windows(loaded.tokenizer, calib)
+    store = None
+    if resume or dist.world > 1:  # ranks exchange finished layers through the store
+        store = LayerStore(out, run_settings(loaded, names, solver_cfg, calib, tokens))
+        if dist.main:
+            for note in store.prepare(reuse=resume):
+                _log(note, dist)
+        dist.barrier()
+        store.check()
+        done = store.done() & set(names)
+        dist.barrier()  # every rank has read the same ``done`` before anyone writes a new layer
+        if done and dist.main:
+            _log(f"resuming: {len(done)} of {len(names)} layers already solved in {store.root}", dist)
+    todo = [n for n in names if store is None or n not in done]
+    b = solver_cfg.block_size if method.uses_wrappers else None
+    costs = {n: layer_cost(*model.get_submodule(n).weight.shape, b) for n in todo}
+    mine = assign(costs, dist.world)[dist.rank]
+    calib_seconds = 0.0
     t_cal = time.perf_counter()
     if method.needs == "none":
-        layers = solve_dense(loaded, names, None, solver_cfg)
+        layers = solve_dense(loaded, mine, None, solver_cfg, store)
+    elif calib.mode == "sequential":
+        layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
-        tokens = calibration_windows(loaded.tokenizer, calib)
-        if calib.mode == "sequential":
-            layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress)
-        else:
-            stats = collect_stats(loaded, names, tokens, full=method.needs == "full",
-                                  batch_size=calib.batch_size, progress=progress)
-            calib_seconds = time.perf_counter() - t_cal
-            layers = solve_dense(loaded, names, stats, solver_cfg)
+        stats = collect_stats(loaded, mine, tokens, full=method.needs == "full",
+                              batch_size=calib.batch_size, progress=progress)
+        calib_seconds = time.perf_counter() - t_cal
+        layers = solve_dense(loaded, mine, stats, solver_cfg, store)
     solve_seconds = time.perf_counter() - t_cal - calib_seconds
+    dist.barrier()
+    if not dist.main:
+        return out
+    if store is not None:
+        layers = {n: layers[n] if n in layers else store.load(n) for n in names}
     manifest = {
         "created_unix": int(time.time()),
         "source": {"model_id": model_id(loaded.folder), "folder": str(loaded.folder),
@@ -185,10 +283,15 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
         "ignore": list(ignore),
         "timing_seconds": {"calibration": round(calib_seconds, 2), "solve": round(solve_seconds, 2),
                            "total": round(time.perf_counter() - t0, 2)},
+        "execution": {"world_size": dist.world, "layer_by_layer": loaded.lazy is not None,
+                      "resumed_layers": len(names) - len(todo)},
         "library_versions": library_versions(),
     }
-    return save_artifact(out, layers=layers, base=base_tensors(model, names), source_dir=loaded.folder,
-                         manifest=manifest, overwrite=overwrite)
+    path = save_artifact(out, layers=layers, base=base_tensors(model, names, loaded.lazy),
+                         source_dir=loaded.folder, manifest=manifest, overwrite=overwrite)
+    if store is not None:
+        store.remove()
+    return path
 
 
 def evaluate(model: nn.Module, tok, cfg: EvalConfig, progress: bool = True, desc: str = "perplexity") -> dict:

@@ -1,0 +1,91 @@
+"""Distributed solve: which rank solves which layer, and the torch.distributed plumbing.
+
+``torchrun --nproc-per-node N -m armor_export prune ...`` starts N copies of the CLI. Each rank
+  1. loads the model and computes the calibration statistics itself (no communication; every rank
+     gets bit-identical statistics because the computation is deterministic and identical),
+  2. solves the layers ``assign`` gives it, checkpointing each finished chunk into the shared
+     resume store (``armor_export.resume``),
+  3. meets the others at a barrier; rank 0 then reads every layer from the store and writes the
+     artifact.
+The assignment is greedy longest-processing-time-first on the cost d_out * d_in * b (ties broken by
+target order), so it depends only on the layer list and the world size. Results do not depend on
+it: every layer's solve is independent of the other layers in its batch (solver.armor seeds one
+generator per layer). Backend: NCCL when the solver runs on CUDA, gloo otherwise.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+# Ranks wait at the barrier for the slowest rank's whole solve (hours for a 70B model).
+BARRIER_TIMEOUT = timedelta(hours=48)
+
+
+def layer_cost(d_out: int, d_in: int, block_size: int | None) -> int:
+    return d_out * d_in * (block_size or 1)
+
+
+def assign(costs: dict[str, int], world: int) -> list[list[str]]:
+    """Layers per rank (each list in the input order): greedy, most expensive layer first."""
+    if world <= 0:
+        raise ValueError(f"world size must be > 0, got {world}")
+    order = {n: i for i, n in enumerate(costs)}
+    load = [0] * world
+    shards: list[list[str]] = [[] for _ in range(world)]
+    for name in sorted(costs, key=lambda n: (-costs[n], order[n])):
+        r = min(range(world), key=lambda k: (load[k], k))
+        shards[r].append(name)
+        load[r] += costs[name]
+    return [sorted(s, key=order.__getitem__) for s in shards]
+
+
+def chunks(names: list[str], shapes: dict[str, tuple], max_chunk: int) -> list[list[str]]:
+    """Split layers into solve calls: same-shaped layers together (ARMOR batches them), at most
+    ``max_chunk`` per call. Each chunk is checkpointed as soon as it is solved."""
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        groups.setdefault(tuple(shapes[n]), []).append(n)
+    out = []
+    for group in groups.values():
+        out.extend(group[i:i + max_chunk] for i in range(0, len(group), max_chunk))
+    return out
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    backend: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def init_from_env(device: str = "cpu") -> DistContext:
+    """A DistContext for this process: world 1 unless started by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not torch.distributed.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was asked for but no CUDA device is visible")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if cuda else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+    return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), backend)
