@@ -1,0 +1,272 @@
+"""TensorRT-LLM engine: ARMOR HF checkpoint schema, 2:4 bytes, load-back parity, registration module.
+
+The artifact here is synthetic (random block-diagonal A/B, S = 2:4 magnitude mask of the tiny
+model's weights) so the tests need no solver run. Library tests are marked ``trtllm`` / ``gpu``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engines import hf_checkpoint as hfc
+
+B = 8
+
+
+def make_artifact(model_dir: Path, out: Path, *, neg_tiny: bool = False) -> Path:
+    """Artifact of the tiny model with A = I + noise, B = I + noise, S = 2:4 mask of W."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_export.adapters import FAMILIES, target_names
+    from armor_export.artifact import LayerFactors, save_artifact
+    from armor_export.pipeline import base_tensors
+    from solver.factors import Factorization
+    from solver.sparsity import mask_24
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    names = target_names(FAMILIES["llama"], model.config.num_hidden_layers)
+    g = torch.Generator().manual_seed(1)
+    layers = {}
+    for n in names:
+        W = model.get_submodule(n).weight.detach()
+        S = W * mask_24(W.abs())
+        if neg_tiny:  # values that underflow to -0.0 in fp16
+            S = torch.where(S != 0, S, torch.zeros_like(S))
+            S[0, 0], S[0, 1], S[0, 2], S[0, 3] = -1e-9, 0.0, 0.5, 0.0
+        eye = (lambda d: torch.eye(B).expand(d // B, B, B) + 0.05 * torch.randn(d // B, B, B, generator=g))
+        layers[n] = LayerFactors(Factorization(S + 0.0, eye(S.shape[0]), eye(S.shape[1])))
+    return save_artifact(out, layers=layers, base=base_tensors(model, names), source_dir=model_dir,
+                         manifest={"method": "synthetic"}, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_artifact(tiny_model_dir, tmp_path_factory.mktemp("trtllm") / "art")
+
+
+@pytest.fixture(scope="module")
+def ckpt(artifact, tmp_path_factory) -> Path:
+    from engines.trtllm import TrtllmLowering
+
+    return TrtllmLowering().lower(artifact, tmp_path_factory.mktemp("trtllm") / "ckpt")
+
+
+def test_checkpoint_config_schema(ckpt, artifact):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["architectures"] == ["ArmorLlamaForCausalLM"]
+    assert cfg["model_type"] == "llama" and cfg["torch_dtype"] == "float16"
+    armor = cfg["armor"]
+    assert armor["format"] == hfc.CKPT_FORMAT and armor["format_version"] == 1
+    assert armor["block_size"] == B and armor["source_architectures"] == ["LlamaForCausalLM"]
+    assert set(armor["targets"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert len(armor["layers"]) == 14 and "unfused" in armor["fusion"]
+    for f in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        assert (ckpt / f).is_file()
+    assert hfc.schema_problems(ckpt, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
+
+
+def test_checkpoint_tensor_names_shapes_dtypes(ckpt):
+    header = hfc.read_safetensors_header(ckpt / hfc.WEIGHTS)
+    q = "model.layers.0.self_attn.q_proj"
+    assert header[f"{q}.S"]["shape"] == [64, 64] and header[f"{q}.A"]["shape"] == [8, B, B]
+    down = "model.layers.1.mlp.down_proj"
+    assert header[f"{down}.S"]["shape"] == [64, 96]
+    assert header[f"{down}.A"]["shape"] == [64 // B, B, B] and header[f"{down}.B"]["shape"] == [96 // B, B, B]
+    assert header["model.layers.1.self_attn.k_proj.S"]["shape"] == [32, 64]
+    assert not any(k.endswith("_proj.weight") for k in header)
+    assert "model.embed_tokens.weight" in header and "model.norm.weight" in header
+    assert "lm_head.weight" not in header  # tied
+    assert {h["dtype"] for h in header.values()} == {"F16"}
+    n_s = sum(k.endswith(".S") for k in header)
+    assert n_s == 14 and sum(k.endswith(".A") for k in header) == 14 and sum(k.endswith(".B") for k in header) == 14
+
+
+def test_every_s_is_24_in_written_bytes(ckpt):
+    names = [k for k in hfc.read_safetensors_header(ckpt / hfc.WEIGHTS) if k.endswith(".S")]
+    rep = hfc.s_bytes_report(ckpt / hfc.WEIGHTS, names)
+    assert all(r["is_24"] for r in rep.values())
+    assert all(r["negative_zeros"] == 0 for r in rep.values())
+    assert all(r["zero_fraction"] >= 0.5 for r in rep.values())
+
+
+def test_bytes_check_catches_dense_and_negative_zero(tmp_path):
+    S = torch.tensor([[1.0, 2.0, 3.0, 0.0], [-0.0, 1.0, 0.0, 2.0]], dtype=torch.float16)
+    save_file({"x.S": S, "y.S": torch.tensor([[-0.0, 1.0, 0.0, 2.0]], dtype=torch.bfloat16)}, str(tmp_path / "w.st"))
+    rep = hfc.s_bytes_report(tmp_path / "w.st", ["x.S", "y.S", "z.S"])
+    assert not rep["x.S"]["is_24"] and rep["x.S"]["negative_zeros"] == 1
+    assert rep["y.S"]["is_24"] and rep["y.S"]["negative_zeros"] == 1
+    assert not rep["z.S"]["present"]
+
+
+def test_underflow_to_negative_zero_is_normalised(tiny_model_dir, tmp_path):
+    art = make_artifact(tiny_model_dir, tmp_path / "art", neg_tiny=True)
+    out = hfc.write_checkpoint(art, tmp_path / "ck", dtype="fp16")
+    rep = hfc.s_bytes_report(out / hfc.WEIGHTS, [f"model.layers.{i}.self_attn.q_proj.S" for i in range(2)])
+    assert all(r["negative_zeros"] == 0 and r["is_24"] for r in rep.values())
+
+
+def test_verify_load_back_parity_and_report(artifact, ckpt, tmp_path):
+    from engines.trtllm import TrtllmLowering
+
+    res = TrtllmLowering().verify(artifact, ckpt, report_dir=tmp_path / "rep")
+    assert res["passed"], res
+    doc = json.loads((tmp_path / "rep" / "parity.json").read_text())
+    by = {c["name"]: c for c in doc["checks"]}
+    loadback = next(c for n, c in by.items() if n.startswith("load-back"))
+    assert loadback["value"] == 0.0
+    sq = next(c for n, c in by.items() if "SQNR" in n)
+    assert sq["passed"] and sq["detail"]["top1_agreement"] >= 0.95
+    if __import__("importlib.util").util.find_spec("tensorrt_llm") is None:
+        assert by["TensorRT-LLM"]["value"] == "not installed: skipped"
+    assert (tmp_path / "rep" / "parity.md").is_file()
+
+
+def test_fp32_checkpoint_identical_to_artifact_runtime(artifact, tmp_path):
+    from engines.trtllm import artifact_logits, checkpoint_logits
+
+    out = hfc.write_checkpoint(artifact, tmp_path / "ck32", dtype="fp32")
+    tokens = torch.randint(0, 300, (2, 16))
+    got, n_sparse = checkpoint_logits(out, tokens)
+    assert n_sparse == 0
+    assert torch.equal(got, artifact_logits(artifact, tokens, torch.float32))
+
+
+def test_gpu_parity_function_runs_on_cpu_device(ckpt):
+    from engines.trtllm_gpu_check import gpu_parity
+
+    res = gpu_parity(ckpt, torch.randint(0, 300, (1, 16)), device="cpu")
+    assert res["semi_structured"] == 0 and res["layers"] == 14
+    assert all(c.passed for c in res["checks"])
+
+
+def test_gpu_check_cli_without_cuda_says_why(ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the no-GPU message path does not apply")
+    r = subprocess.run([sys.executable, "-m", "engines.trtllm_gpu_check", str(ckpt)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+# ---------------------------------------------------------------- registration module (pure parts)
+
+def test_trtllm_model_imports_without_library():
+    r = subprocess.run([sys.executable, "-c", "import sys, engines.trtllm_model as m; "
+                        "print('tensorrt_llm' in sys.modules, m.missing_trtllm_message() is None)"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    loaded, installed = r.stdout.split()
+    assert loaded == "False"
+    if installed == "False":
+        from engines.trtllm_model import TrtllmUnavailable, register_armor_models
+
+        with pytest.raises(TrtllmUnavailable, match="pip install tensorrt-llm"):
+            register_armor_models()
+
+
+def test_projection_plan_fused_and_fallback():
+    from engines.trtllm_model import projection_plan
+
+    fused = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+             "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"}
+    plan = projection_plan(1, fused.__contains__)
+    assert plan["model.layers.0.self_attn.qkv_proj"] == tuple(
+        f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert plan["model.layers.0.mlp.gate_up_proj"] == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+    unfused = {f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    plan2 = projection_plan(1, unfused.__contains__)
+    assert set(plan2) == unfused and all(v == (k,) for k, v in plan2.items())
+
+
+class _StandIn(nn.Module):
+    """The module layout of TensorRT-LLM's Llama (fused qkv_proj / gate_up_proj), plain torch."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        qkv = cfg.num_attention_heads * cfg.head_dim + 2 * cfg.num_key_value_heads * cfg.head_dim
+        layer = lambda: nn.ModuleDict({  # noqa: E731
+            "self_attn": nn.ModuleDict({"qkv_proj": nn.Linear(h, qkv, bias=False), "o_proj": nn.Linear(h, h, bias=False)}),
+            "mlp": nn.ModuleDict({"gate_up_proj": nn.Linear(h, 2 * i, bias=False), "down_proj": nn.Linear(i, h, bias=False)}),
+            "input_layernorm": nn.LayerNorm(h), "post_attention_layernorm": nn.LayerNorm(h, bias=False)})
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.model.layers = nn.ModuleList([layer() for _ in range(L)])
+        self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
+
+
+def test_armorize_and_load_weights_on_stand_in(ckpt):
+    from transformers import AutoConfig
+
+    from engines.trtllm_model import ArmorConcat, armorize, load_armor_weights
+
+    cfg = AutoConfig.from_pretrained(ckpt)
+    native = _StandIn(cfg)
+    plan = armorize(native, cfg.num_hidden_layers)
+    assert len(plan) == 8 and isinstance(native.model.layers[0].self_attn.qkv_proj, ArmorConcat)
+    weights = load_file(str(ckpt / hfc.WEIGHTS))
+    weights["model.layers.0.input_layernorm.bias"] = torch.zeros(cfg.hidden_size, dtype=torch.float16)
+    weights["model.layers.1.input_layernorm.bias"] = torch.zeros(cfg.hidden_size, dtype=torch.float16)
+    native.to(torch.float16)
+    counts = load_armor_weights(native, weights, plan, dtype=torch.float16, tie_embeddings=True)
+    assert counts == {"armor_modules": 8, "semi_structured": 0}
+    assert torch.equal(native.lm_head.weight, weights["model.embed_tokens.weight"])
+    ref, _, _ = hfc.load_checkpoint_model(ckpt)
+    x = torch.randn(5, cfg.hidden_size, dtype=torch.float16)
+    attn = ref.model.layers[1].self_attn
+    qkv = native.model.layers[1].self_attn.qkv_proj(x, all_reduce_params=None, lora_params=None)
+    assert torch.equal(qkv, torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+    mlp = ref.model.layers[1].mlp
+    assert torch.equal(native.model.layers[1].mlp.gate_up_proj(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+    assert native.model.layers[1].mlp.down_proj.has_fp8_qdq is False
+
+
+def test_load_weights_reports_missing_tensors(ckpt):
+    from transformers import AutoConfig
+
+    from engines.trtllm_model import armorize, load_armor_weights
+
+    cfg = AutoConfig.from_pretrained(ckpt)
+    native = _StandIn(cfg)
+    plan = armorize(native, cfg.num_hidden_layers)
+    weights = load_file(str(ckpt / hfc.WEIGHTS))
+    with pytest.raises(KeyError, match="lacks tensors"):
+        load_armor_weights(native, weights, plan, dtype=torch.float16, tie_embeddings=False)
+
+
+@pytest.mark.trtllm
+def test_register_armor_models_with_tensorrt_llm():
+    from tensorrt_llm._torch.models.modeling_utils import MODEL_CLASS_MAPPING
+
+    from engines.trtllm_model import register_armor_models
+
+    names = register_armor_models()
+    assert set(names) <= set(MODEL_CLASS_MAPPING)
+
+
+@pytest.mark.gpu
+def test_semi_structured_parity_on_cuda(ckpt):
+    from engines.trtllm_gpu_check import gpu_parity
+
+    res = gpu_parity(ckpt, torch.randint(0, 300, (2, 64)))
+    assert all(c.passed for c in res["checks"]), res["stats"]
+
+
+@pytest.mark.slow
+def test_cli_trtllm_end_to_end_default_model(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "armor_export", "--engine", "trtllm", "--out", str(out),
+                        "--iterations", "20", "--calib-samples", "8", "--eval-windows", "4"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "trtllm" / "parity.json").read_text())
+    assert doc["passed"]
+    assert hfc.schema_problems(out / "trtllm") == []
