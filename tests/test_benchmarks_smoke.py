@@ -91,3 +91,42 @@ def test_blockdiag_triton_matches_torch_on_gpu():
         x = torch.randn(T, 6 * b, device="cuda", dtype=torch.float16)
         ref = block_diag_apply(x.float(), blocks.float(), impl="torch")
         torch.testing.assert_close(block_diag_apply(x, blocks).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_e2e_smoke_tiny_artifact(tiny_artifact, tmp_path):
+    from benchmarks import bench_e2e
+
+    out = tmp_path / "e2e.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny ops on a shared 2-core machine stall in OpenMP barriers otherwise
+        res = bench_e2e.main(["--artifact", str(tiny_artifact), "--prefill", "1x16,2x16", "--ort-prefill", "1x16",
+                              "--decode-prompt", "8", "--decode-tokens", "4", "--iters", "2", "--threads", "1",
+                              "--ort-cache", str(tmp_path / "ort"), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["schema"] == bench_e2e.SCHEMA and on_disk["schema_version"] == 1
+    phases = {(s["engine"], s["phase"]) for s in on_disk["summary"]}
+    assert {("torch", "prefill 1x16"), ("torch", "prefill 2x16"), ("torch", "decode b1")} <= phases
+    if "ort" in on_disk["skipped"]:  # optional engine: a skip must say why
+        assert on_disk["skipped"]["ort"]
+    else:
+        assert {("ort-cpu", "prefill 1x16"), ("ort-cpu", "decode b1")} <= phases
+    for r in on_disk["results"]:
+        assert r["tokens_per_s"] > 0 and r["median_ms"] > 0
+    # dense = A.S.B in nn.Linear computes the same function: greedy tokens agree
+    assert on_disk["greedy_token_agreement"]["torch"] == 1.0
+    assert res["summary"] == on_disk["summary"]
+
+
+def test_densify_matches_armor(tiny_artifact):
+    from benchmarks.bench_e2e import densify
+    from engines.torch_module import ArmorLinear, load_armor_model
+
+    armor, _ = load_armor_model(tiny_artifact)
+    dense, _ = load_armor_model(tiny_artifact)
+    densify(dense)
+    assert not any(isinstance(m, ArmorLinear) for m in dense.modules())
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(dense(ids).logits, armor(ids).logits, rtol=1e-4, atol=1e-4)
