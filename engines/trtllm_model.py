@@ -187,7 +187,7 @@ class ArmorMixin:
     def load_weights(self, weights, *args, **kwargs):
         cfg = self._armor_cfg
         armor = getattr(cfg, "armor", None) or {}
-        dtype = getattr(cfg, "torch_dtype", None)
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
         dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float16"))
         return load_armor_weights(self, weights, self._armor_plan, dtype=dtype,
                                   semi_structured=armor.get("semi_structured", True),
