@@ -52,6 +52,7 @@ class E2EConfig:
     iters: int = 3
     seed: int = 0
     ort_cache: str | None = None
+    synth_block_size: int | None = None  # give identity-A/B layers explicit identity blocks of this size
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -74,10 +75,29 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
+def synthesise_blocks(model: nn.Module, b: int) -> int:
+    """Give every ArmorLinear without A/B explicit identity blocks of size b (same function, the
+    compute of a b-block ARMOR layout: for timing an artifact of a wrapper-free method). Returns
+    the number of layers changed."""
+    from solver.blockdiag import check_block_size, identity_blocks
+
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, ArmorLinear) and m.A_blocks is None and m.B_blocks is None:
+            check_block_size(m.out_features, m.in_features, b, name)
+            kw = {"dtype": m.S.dtype, "device": m.S.device}
+            m.A_blocks = identity_blocks(m.out_features // b, b, **kw)
+            m.B_blocks = identity_blocks(m.in_features // b, b, **kw)
+            n += 1
+    return n
+
+
 def torch_models(cfg: E2EConfig) -> dict[str, nn.Module]:
     dtype = DTYPES[cfg.dtype]
     semi = cfg.semi_structured and torch.device(cfg.device).type == "cuda" and cfg.dtype != "fp32"
     armor, _ = load_armor_model(cfg.artifact, dtype=dtype, device=cfg.device, semi_structured=semi)
+    if cfg.synth_block_size:
+        synthesise_blocks(armor, cfg.synth_block_size)
     dense, _ = load_armor_model(cfg.artifact, dtype=dtype, device=cfg.device)
     return {"dense": densify(dense).eval(), "armor": armor}
 
@@ -280,6 +300,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--synth-block-size", type=int, default=None,
+                   help="time identity-A/B layers as explicit b x b identity blocks (torch engine only)")
     p.add_argument("--ort-cache", default=None, help="folder for the exported ONNX models (reused)")
     p.add_argument("--out", default="results/bench_e2e.json")
     p.add_argument("--plot", default=None, help="PNG path (default next to --out; 'none' to skip)")
@@ -292,7 +314,7 @@ def main(argv=None) -> dict:
                     decode_prompt=a.decode_prompt, decode_tokens=a.decode_tokens,
                     engines=tuple(e.strip() for e in a.engines.split(",") if e.strip()),
                     semi_structured=not a.no_semi_structured, warmup=a.warmup, iters=a.iters,
-                    ort_cache=a.ort_cache)
+                    ort_cache=a.ort_cache, synth_block_size=a.synth_block_size)
     res = run(cfg)
     print(format_table(res))
     out = Path(a.out)
