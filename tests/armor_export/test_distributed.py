@@ -52,7 +52,7 @@ def same_artifact(a: Path, b: Path) -> None:
     assert ma["targets"] == mb["targets"] and ma["calibration"] == mb["calibration"]
 
 
-def prune_args(model: Path, text: Path, out: Path, method: str = "armor", iterations: int = 30) -> list[str]:
+def prune_args(model: Path, text: Path, out: Path, method: str = "armor", iterations: int = 10) -> list[str]:
     return ["prune", "--model", str(model), "--calib-text", str(text), "--calib-samples", "6", "--calib-seqlen",
             "48", "--method", method, "--block-size", "8", "--iterations", str(iterations), "--out", str(out)]
 
