@@ -117,7 +117,15 @@ def load_model(folder: Path, *, dtype: torch.dtype = torch.float32):
     family = read_family(folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (SafetensorError, OSError, EOFError) as e:
+        weights = sorted(Path(folder).glob("*.safetensors"))
+        where = weights[0] if len(weights) == 1 else Path(folder)
+        raise ValueError(f"{where}: cannot load the model weights ({e}); the checkpoint is corrupt or "
+                         f"truncated") from None
     model.eval()
     return model, tok, family
