@@ -77,3 +77,18 @@ def test_two_rank_torchrun_matches_single_process(tiny_model_dir, tiny_text_dir,
     man = json.loads((multi / "manifest.json").read_text())
     assert man["execution"]["world_size"] == 2
     assert not (tmp_path / "multi.partial").exists()  # the store is removed once the artifact is written
+
+
+def test_layer_by_layer_load_gives_the_same_artifact(tiny_model_dir, tiny_text_dir, tmp_path):
+    from armor_export import pipeline
+    from armor_export.config import CalibConfig
+    from solver.config import SolverConfig
+
+    calib = CalibConfig(text=str(tiny_text_dir / "calib"), samples=4, seqlen=32)
+    cfg = SolverConfig(method="nowag")
+    full = pipeline.prune(str(tiny_model_dir), cfg, calib, tmp_path / "full", progress=False)
+    lazy = pipeline.prune(str(tiny_model_dir), cfg, calib, tmp_path / "lazy", progress=False, layerwise=True)
+    same_artifact(full, lazy)
+    assert json.loads((lazy / "manifest.json").read_text())["execution"]["layer_by_layer"] is True
+    with pytest.raises(ValueError, match="dense"):
+        pipeline.prune(str(tiny_model_dir), cfg, CalibConfig(mode="sequential"), tmp_path / "x", layerwise=True)
