@@ -71,10 +71,12 @@ class DecoderGraph:
         self._consts: dict[str, ir.Value] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
-    def weight(self, name: str, t: torch.Tensor, *, cast: bool = True) -> ir.Value:
-        t = t.detach().to(self.tdtype if cast else t.dtype).contiguous()
-        if t.is_floating_point():
-            t = torch.where(t == 0, torch.zeros((), dtype=t.dtype), t)  # zeros as +0.0
+    def weight(self, name: str, t: torch.Tensor, *, plus_zero: bool = False) -> ir.Value:
+        """An initializer in the graph dtype, referencing the torch tensor (no copy when possible).
+        plus_zero: x + 0.0 turns every -0.0 into +0.0 and leaves all other values unchanged (S)."""
+        t = t.detach().to(self.tdtype).contiguous()
+        if plus_zero:
+            t = t + 0.0
         return self.t.initializer(TorchTensor(t, name=name), name=name)
 
     def const(self, values, dtype=np.int64) -> ir.Value:
@@ -109,7 +111,7 @@ class DecoderGraph:
             bt = self.weight(f"{fqn}.B_t", lw.B_blocks.transpose(-1, -2))
             x = self.block_product(x, bt, n1, b, d_in, f"{fqn}/B")
         s_name = f"{fqn}.weight" if lw.dense else f"{fqn}.S"
-        s = self.weight(s_name, lw.S)
+        s = self.weight(s_name, lw.S, plus_zero=True)
         st = self.op("Transpose", [s], {"perm": [1, 0]})
         y = self.op("MatMul", [x, st], name=f"{fqn}/{'W' if lw.dense else 'S'}/matmul")
         if lw.A_blocks is not None:

@@ -140,6 +140,14 @@ def test_negative_zero_is_normalised_and_checks_catch_bad_graphs(tmp_path):
         ir.save(ir.Model(g, ir_version=10), tmp_path / name)
         return check_s_initializers(tmp_path / name)
 
+    from types import SimpleNamespace
+
+    from engines.onnx_graph import DecoderGraph
+
+    stub = SimpleNamespace(tdtype=torch.float16, t=ir_tape.Tape())
+    v = DecoderGraph.weight(stub, "l.S", S, plus_zero=True)  # the exporter's path for every S
+    s16 = v.const_value.numpy()
+    assert s16.dtype == np.float16 and not np.signbit(s16[s16 == 0]).any()
     bad = build("bad.onnx", reshape=False)
     assert not bad["passed"] and "groups of 4" in bad["failures"][0] and "-0.0" in bad["failures"][0]
     blocked = build("blocked.onnx", reshape=True)
