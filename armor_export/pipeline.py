@@ -179,7 +179,8 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
 def base_tensors(model: nn.Module, names: list[str], lazy=None) -> dict[str, torch.Tensor]:
     pruned = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
     if lazy is not None:
-        sd = lazy.read([k for k in lazy.keys() if k not in pruned])
+        known = set(model.state_dict())  # the skeleton's names (layers on meta: no memory)
+        sd = lazy.read([k for k in lazy.keys() if k in known and k not in pruned])
     else:
         sd = {k: v for k, v in model.state_dict().items() if k not in pruned}
     if getattr(model.config, "tie_word_embeddings", False):

@@ -20,6 +20,21 @@ import time
 from pathlib import Path
 
 IMPORT_ONLY = "import torch, transformers, armor_export.pipeline"
+# Calibration alone (load + windows + statistics of every target), the phase layer-by-layer bounds.
+CALIB_ONLY = """
+import sys
+from armor_export import pipeline
+from armor_export.adapters import target_names
+from armor_export.config import CalibConfig
+layerwise, model, n, t = sys.argv[1] == "1", sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
+loaded = pipeline.load(model, layerwise=layerwise)
+fam = loaded.family
+names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
+tokens = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(samples=n, seqlen=t))
+pipeline.collect_stats(loaded, names, tokens, full=False, progress=False)
+"""
+MODES = {"import_only": None, "calib_full_model": "0", "calib_layer_by_layer": "1",
+         "full_model": [], "layer_by_layer": ["--layer-by-layer"]}
 
 
 def child(cmd: list[str], env: dict) -> dict:
@@ -31,7 +46,8 @@ def child(cmd: list[str], env: dict) -> dict:
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{err[-3000:]}")
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(seconds, 1)}
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(seconds, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--method", default="nowag")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     env = dict(os.environ, TQDM_DISABLE="1")
@@ -47,14 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     results = {"settings": {"model": a.model or "default (SmolLM2-135M-Instruct)", "samples": a.samples,
                             "seqlen": a.seqlen, "method": a.method, "torch_threads": os.environ.get("OMP_NUM_THREADS")}}
     try:
-        results["import_only"] = child([sys.executable, "-c", IMPORT_ONLY], env)
-        for mode, extra in (("full_model", []), ("layer_by_layer", ["--layer-by-layer"])):
+        for mode in a.modes:
+            extra = MODES[mode]
+            if extra is None or isinstance(extra, str):
+                cmd = [sys.executable, "-c", IMPORT_ONLY] if extra is None else \
+                    [sys.executable, "-c", CALIB_ONLY, extra, a.model or "", str(a.samples), str(a.seqlen)]
+                results[mode] = child(cmd, env)
+                print(f"{mode:20s} {results[mode]}", flush=True)
+                continue
             cmd = [sys.executable, "-m", "armor_export", "prune", "--method", a.method, "--calib-samples",
                    str(a.samples), "--calib-seqlen", str(a.seqlen), "--out", str(work / mode), "--no-resume", *extra]
             if a.model:
                 cmd += ["--model", a.model]
             results[mode] = child(cmd, env)
-            print(f"{mode:15s} {results[mode]}", flush=True)
+            print(f"{mode:20s} {results[mode]}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2))
