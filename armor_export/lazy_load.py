@@ -62,7 +62,8 @@ class Checkpoint:
         by_file: dict[Path, list[str]] = {}
         for n in names:
             if n not in self.files:
-                raise KeyError(f"{self.folder}: tensor {n!r} not in the checkpoint")
+                raise ValueError(f"{self.folder}: tensor {n!r} not in the checkpoint; it does not match "
+                                 f"config.json")
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for f, ns in by_file.items():
