@@ -36,6 +36,9 @@ PARAMS = ("A", "B", "V")
 # Largest batched [K, d_out, d_in] tensor, in elements (24 MB fp32). Beyond glibc's 32 MB mmap ceiling
 # every temporary is a fresh mmap whose page faults cost more than the arithmetic (measured 4x).
 BATCH_ELEMS = 6 * 2**20
+# The best iterate is copied at most this often (a copy of S is a full pass over the layer); the
+# last iterate is always a candidate, so the returned loss is min over checkpoints and the end.
+CHECKPOINT_EVERY = 10
 
 
 def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
@@ -144,16 +147,18 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
         obj.weighted_residual(st["E"], st["hz"], st["G"])
         L = obj.loss_from(st["E"], st["G"])
         finite = torch.isfinite(L)
-        improved = finite & (L < best_L)
+        no_gain = (L > (1 - cfg.rtol) * prev_L) | (L > prev_L - cfg.atol) | ~finite
+        patience = torch.where(no_gain, patience - 1, torch.full_like(patience, cfg.patience))
+        prev_L = L
+        stopped = (patience <= 0) | ~finite
+        # Snapshot the best iterate every CHECKPOINT_EVERY iterations and whenever a layer stops.
+        due = stopped | (t % CHECKPOINT_EVERY == 0) | (t == cfg.iterations)
+        improved = finite & (L < best_L) & due
         if bool(improved.any()):
             idx = improved.nonzero()[:, 0]
             for k in best:
                 best[k][idx] = st[k][idx]
             best_L = torch.where(improved, L, best_L)
-        no_gain = (L > (1 - cfg.rtol) * prev_L) | (L > prev_L - cfg.atol) | ~finite
-        patience = torch.where(no_gain, patience - 1, torch.full_like(patience, cfg.patience))
-        prev_L = L
-        stopped = (patience <= 0) | ~finite
         c = {k: v.tolist() for k, v in counts.items()}
         fb, imp, stp, fin = fallbacks.tolist(), improved.tolist(), stopped.tolist(), finite.tolist()
         for j, k in enumerate(rows):
