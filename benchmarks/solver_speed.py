@@ -111,17 +111,30 @@ class Reference:
             return float(self.loss(A, V * self.M, B))  # loss evaluation forward
 
 
-def time_reference(W, h, cfg, iters):
-    """Median (wall, CPU) ms per reference step (the median resists bursts of load from other processes)."""
-    ref = Reference(armor.prepare("ref", W, h, cfg.block_size), cfg)
+def _clock(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def time_interleaved(Ws, hs, cpu: SolverConfig, iters: int):
+    """Median (wall, CPU) ms per iteration per layer of the reference and of ours, interleaved step by
+    step so both see the same load from other processes. Ours runs solver.armor.bcd_iteration on one
+    batch of the size solve_layers uses for this shape (the per-layer cost is the batch's / K)."""
+    d_out, d_in = Ws[0].shape
+    K = max(1, min(len(Ws), cpu.max_batch, armor.BATCH_ELEMS // (d_out * d_in)))
+    starts = [armor.prepare(f"l{i}", W, h, cpu.block_size) for i, (W, h) in enumerate(zip(Ws[:K], hs[:K]))]
+    st = armor._init_batch(starts, cpu, torch.device("cpu"))
+    gens = [torch.Generator().manual_seed(cpu.seed) for _ in range(K)]
+    ref = Reference(starts[0], cpu)
     ref.step()  # warm-up
-    times, cpu = [], []
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        ref.step()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(times) * 1e3, statistics.median(cpu) * 1e3
+    armor.bcd_iteration(st, gens, 1, cpu)
+    r, o = [], []
+    for t in range(iters):
+        r.append(_clock(ref.step))
+        o.append(_clock(lambda: armor.bcd_iteration(st, gens, t + 2, cpu)))
+    med = lambda xs, i, k=1: statistics.median(x[i] for x in xs) * 1e3 / k  # noqa: E731
+    return K, (med(r, 0), med(r, 1)), (med(o, 0, K), med(o, 1, K))
 
 
 def ours_seconds(Ws, hs, cfg):
@@ -132,16 +145,6 @@ def ours_seconds(Ws, hs, cfg):
     return time.perf_counter() - t0, time.process_time() - c0, res
 
 
-def time_ours(Ws, hs, cpu, iters, repeats):
-    """(wall, CPU) ms per iteration per layer: (t(1 + iters) - t(1)) / iters / K, minimum over repeats."""
-    short = SolverConfig(**{**cpu.to_dict(), "iterations": 1, "patience": 10**6})
-    long = SolverConfig(**{**cpu.to_dict(), "iterations": 1 + iters, "patience": 10**6})
-    a = [ours_seconds(Ws, hs, short)[:2] for _ in range(repeats)]
-    z = [ours_seconds(Ws, hs, long)[:2] for _ in range(repeats)]
-    scale = 1e3 / iters / len(Ws)
-    return tuple((min(x[i] for x in z) - min(x[i] for x in a)) * scale for i in (0, 1))
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="few iterations, 4 layers per shape, random weights")
@@ -150,7 +153,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--whole-model", action="store_true", help="also solve all 210 linears at the CPU default")
     ap.add_argument("--check-iters", type=int, default=None, help="steps for the equal-loss check")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of our timed runs (minimum is kept)")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -166,8 +168,7 @@ def main(argv=None) -> dict:
         K = 4 if args.smoke else n_model
         Ws = weights[key][:K] if weights else [torch.randn(d_out, d_in, generator=gen) * 0.05 for _ in range(K)]
         hs = [synthetic_h(d_in, gen) for _ in range(K)]
-        ref_ms, ref_cpu = time_reference(Ws[0], hs[0], cpu, iters)
-        ours_ms, ours_cpu = time_ours(Ws, hs, cpu, iters, args.repeats)  # per layer, batched as in a model solve
+        Kb, (ref_ms, ref_cpu), (ours_ms, ours_cpu) = time_interleaved(Ws, hs, cpu, iters)
         # Equal-loss check: same layer, same seed, check_iters steps, reference vs ours.
         ccfg = SolverConfig(**{**cpu.to_dict(), "iterations": check_iters, "patience": 10**6})
         ref = Reference(armor.prepare("ref", Ws[0], hs[0], ccfg.block_size), ccfg)
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
             ref_loss = ref.step()
         res = ours_seconds(Ws[:1], hs[:1], ccfg)[2]
         rep = res[0].report
-        rows.append(dict(shape=key, d_out=d_out, d_in=d_in, batch=K, ref_ms=ref_ms, ours_ms=ours_ms,
+        rows.append(dict(shape=key, d_out=d_out, d_in=d_in, batch=Kb, ref_ms=ref_ms, ours_ms=ours_ms,
                          speedup=ref_ms / ours_ms, ref_cpu_ms=ref_cpu, ours_cpu_ms=ours_cpu,
                          cpu_speedup=ref_cpu / ours_cpu, loss_start=rep.loss_start, ref_loss=ref_loss,
                          ours_loss=rep.loss_final, rel_diff=abs(rep.loss_final - ref_loss) / ref_loss))

@@ -9,7 +9,7 @@ Because Gamma = dL/dS = (2/Z) A^T (E (.) h) B^T, u needs no b x b work per tile:
 Per pattern P: s_P = -(Q_P + lam I)^-1 u_P / |a|^2 with lam = DAMP_REL * trace(Q_P), solved by an
 explicit 2x2 inverse with a determinant check. The best pattern replaces the group only if its
 (undamped) phi is strictly below phi(s_old); a tile whose solves all fail keeps its group and counts
-as a failed solve. After the round the cached products (T, E, dT, Gamma) are updated by one rank-one
+as a failed solve. After the round the cached products (T, G, dT, Gamma) are updated by one rank-one
 term per tile, so the next iteration needs no new forward pass.
 """
 from __future__ import annotations
@@ -97,7 +97,8 @@ def select(scores: torch.Tensor, rand: torch.Tensor, selection: str):
 def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool) -> dict:
     """Apply one exact round to the batched state ``st`` in place; return per-layer counts.
 
-    ``st`` holds A, B, V, M, S, T, E, dT, Gamma, h, Z (and the Adam moments m_V, v_V). cand [K, n0, n1]."""
+    ``st`` holds A, B, V, M, S, T, G, dT, Gamma, hz, Z (and the Adam moments m_V, v_V). cand [K, n0, n1].
+    The residual E is not refreshed (the next forward recomputes it); the loss change is returned."""
     A, B, S, h, Z = st["A"], st["B"], st["S"], st["h"], st["Z"]
     K, d_out, d_in = S.shape
     n0, n1, g4 = d_out // b, d_in // b, b // 4
@@ -115,7 +116,7 @@ def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool)
     Q = torch.matmul(Bg * hq[..., None, :], Bg.transpose(-1, -2))  # [K, n0, n1, 4, 4]
     a2 = a.pow(2).sum(-1)
     u = (0.5 * Z)[:, None, None, None] * gam - a2[..., None] * (Q @ s_old[..., None])[..., 0]
-    s_new, pat, accept, failed, _ = solve_patterns(Q, u, a2, s_old)
+    s_new, pat, accept, failed, dphi = solve_patterns(Q, u, a2, s_old)
     s_new = s_new.to(S.dtype)
     m_new = torch.zeros_like(s_new, dtype=torch.bool)
     m_new.scatter_(-1, PATTERNS.to(dev)[pat], True)
@@ -136,13 +137,14 @@ def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool)
     dTrow = (ds[..., None, :] @ Bg)[..., 0, :]  # [K, n0, n1, b]: change of row i of T in column block q
     tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] view
     st["T"].view(K, n0, b, n1, b)[kk, pp, ii, qq] += dTrow
-    tiles(st["E"]).addcmul_(a[..., :, None], dTrow[..., None, :])
+    w = dTrow * st["hz"].view(K, 1, n1, b)  # change of row i of the residual tile, times (2/Z) h
+    tiles(st["G"]).addcmul_(a[..., :, None], w[..., None, :])  # G = (2/Z) E (.) h; E itself is not kept
     Ata = torch.einsum("kpjm,kpqj->kpqm", A, a)  # A_p^T a
-    w = dTrow * (hq * (2.0 / Z)[:, None, None, None])
     tiles(st["dT"]).addcmul_(Ata[..., :, None], w[..., None, :])
     wB = torch.einsum("kpqj,kqmj->kpqm", w, B)  # w B_q^T
     tiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])
     return {
         "failed_solves": failed.flatten(1).sum(1),
         "mask_changes": changed.flatten(1).sum(1),
+        "dloss": dphi.flatten(1).sum(1) / Z.double(),  # exact change of L (fp64), <= 0
     }

@@ -99,7 +99,7 @@ def test_collinear_and_zero_b_rows_are_counted_not_nan():
                          "uniform")
         failed += int(sparse_core_round(st, cand, b, False)["failed_solves"].sum())
     assert failed > 0  # block 1 has an all-zero B: every solve there fails and is counted
-    for key in ("S", "E", "Gamma"):
+    for key in ("S", "G", "Gamma"):
         assert torch.isfinite(st[key]).all()
 
 
