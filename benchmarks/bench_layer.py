@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,8 +35,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative max error vs the fp32 reference (inputs already rounded to the dtype): three chained
 # products round twice in between, so the low-precision bounds are a few ulps of the dtype.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2}
-SPARSE_CLASSES = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
-                  "cutlass": "SparseSemiStructuredTensorCUTLASS"}
+SPARSE_CLASSES = ("cusparselt", "cutlass")  # names ArmorLinear.to_semi_structured accepts
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,9 @@ def make_factors(d_in: int, d_out: int, b: int, seed: int, device="cpu"):
 
 
 def attach_sparse(module: ArmorLinear, backend: str) -> None:
-    """Give ``module`` a semi-structured copy of S from one named backend (CUDA fp16/bf16 only).
-
-    Sets the module's own sparse slot (what ``ArmorLinear.to_semi_structured`` sets) so the
-    backend is chosen per module instead of through the global ``_FORCE_CUTLASS`` flag."""
-    cls = getattr(torch.sparse, SPARSE_CLASSES[backend])
-    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
-        raise RuntimeError("cuSPARSELt is not available in this PyTorch build")
-    module._S_sparse = cls.from_dense(module.S.contiguous())
+    """Give ``module`` a semi-structured copy of S from one named backend (CUDA fp16/bf16 only),
+    chosen per module (no global ``_FORCE_CUTLASS`` toggle)."""
+    module.to_semi_structured(backend, strict=True)
 
 
 def build_variants(S, A, B, *, dtype, device, backends, blockdiag) -> list[dict]:

@@ -29,7 +29,7 @@ def prepare_artifact(work: Path, block_size: int) -> Path:
     from armor_export import pipeline
     from armor_export.config import CalibConfig
     from solver.config import SolverConfig
-    from tests.engines.test_onnx import make_variant
+    from benchmarks.synth import with_random_blocks
 
     nowag = work / "nowag"
     if not nowag.exists():
@@ -37,7 +37,7 @@ def prepare_artifact(work: Path, block_size: int) -> Path:
                        progress=False)
     armor = work / f"armor_b{block_size}"
     if not armor.exists():
-        make_variant(nowag, armor, identity=False, b=block_size)
+        with_random_blocks(nowag, armor, identity=False, b=block_size)
     return armor
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 

@@ -158,7 +158,7 @@ class DecoderGraph:
 
     def attention(self, x, i: int, ctx: dict):
         p = f"model.layers.{i}.self_attn"
-        H, KVH, D = self.H, self.KVH, self.D
+        H, D = self.H, self.D
         q = self.op("Reshape", [self.linear(x, f"{p}.q_proj"), ctx["shape_q"]])  # [B, T, H, D]
         k = self.op("Reshape", [self.linear(x, f"{p}.k_proj"), ctx["shape_kv"]])
         v = self.op("Reshape", [self.linear(x, f"{p}.v_proj"), ctx["shape_kv"]])

@@ -83,7 +83,6 @@ def _plot(path: Path, layer_sqnr: dict[str, float], title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    names = list(layer_sqnr)
     vals = [min(v, 200.0) for v in layer_sqnr.values()]
     fig, ax = plt.subplots(figsize=(10, 3))
     ax.plot(range(len(vals)), vals, ".", ms=3)

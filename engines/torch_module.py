@@ -17,6 +17,11 @@ from torch import nn
 from solver.blockdiag import apply_input_side, apply_output_side
 
 
+# backend name -> torch.sparse class whose from_dense builds it (None: PyTorch's default choice)
+SEMI_STRUCTURED = {"auto": None, "cutlass": "SparseSemiStructuredTensorCUTLASS",
+                   "cusparselt": "SparseSemiStructuredTensorCUSPARSELT"}
+
+
 class ArmorLinear(nn.Module):
     def __init__(self, S: torch.Tensor, A_blocks: torch.Tensor | None, B_blocks: torch.Tensor | None,
                  bias: torch.Tensor | None = None):
@@ -35,17 +40,30 @@ class ArmorLinear(nn.Module):
 
         return product(self.A_blocks, self.S, self.B_blocks)
 
-    def to_semi_structured(self) -> bool:
-        """Use a CUTLASS/cuSPARSELt 2:4 copy of S for the GEMM. Returns False (and keeps dense S)
-        where PyTorch cannot (CPU, fp32, unsupported GPU or shape)."""
+    def to_semi_structured(self, backend: str = "auto", *, strict: bool = False) -> bool:
+        """Use a 2:4 compressed copy of S for the GEMM: ``backend`` "cutlass", "cusparselt" or "auto"
+        (PyTorch's default choice). Returns False and keeps dense S where PyTorch cannot (CPU, fp32,
+        unsupported GPU or shape); with ``strict`` it raises instead, naming the reason."""
+        if backend not in SEMI_STRUCTURED:
+            raise ValueError(f"unknown semi-structured backend {backend!r}; choose one of {sorted(SEMI_STRUCTURED)}")
+        reason = None
         if self.S.device.type != "cuda" or self.S.dtype not in (torch.float16, torch.bfloat16):
-            return False
-        try:
-            self._S_sparse = torch.sparse.to_sparse_semi_structured(self.S.contiguous())
-        except (RuntimeError, ValueError, NotImplementedError):
-            self._S_sparse = None
-            return False
-        return True
+            reason = f"needs S on CUDA in fp16/bf16 (S is {self.S.dtype} on {self.S.device.type})"
+        elif backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+            reason = "cuSPARSELt is not available in this PyTorch build"
+        if reason is None:
+            try:
+                S = self.S.contiguous()
+                cls = SEMI_STRUCTURED[backend]
+                self._S_sparse = (torch.sparse.to_sparse_semi_structured(S) if cls is None
+                                  else getattr(torch.sparse, cls).from_dense(S))
+                return True
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                reason = f"PyTorch refused the {backend} 2:4 conversion: {e}"
+        self._S_sparse = None
+        if strict:
+            raise RuntimeError(f"ArmorLinear [{self.out_features}x{self.in_features}]: {reason}")
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.B_blocks is not None:

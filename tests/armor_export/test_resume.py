@@ -60,7 +60,7 @@ def test_store_ignores_half_written_layers_and_detects_corruption(tmp_path):
     st.save("l0", _layer(0))
     # a kill between the tensor file and its record, and one in the middle of a write
     (st.root / "l1.safetensors").write_bytes(b"\0" * 10)
-    (st.root / f".tmp-999-l2.safetensors").write_bytes(b"junk")
+    (st.root / ".tmp-999-l2.safetensors").write_bytes(b"junk")
     st2 = LayerStore(out, {"a": 1})
     st2.prepare()
     assert st2.done() == {"l0"} and not list(st2.root.glob(".tmp-*"))

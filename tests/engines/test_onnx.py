@@ -11,37 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from armor_export.artifact import LayerFactors, load_artifact, save_artifact
+from armor_export.artifact import load_artifact
+from benchmarks.synth import with_random_blocks
 from engines.onnx_checks import check_s_initializers, is_24, op_counts
 from engines.onnx_export import export_onnx
 from engines.parity import error_stats
 from engines.runners import OrtRunner, greedy_kv, logits_feeds
-from solver.factors import Factorization
 
 pytest.importorskip("onnxruntime")
 
 
-def make_variant(src: Path, out: Path, *, identity: bool, b: int = 8, seed: int = 0) -> Path:
-    """Copy of an artifact with random near-identity A/B blocks and a bias (or with A/B absent)."""
-    art = load_artifact(src)
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for n, lf in art.layers.items():
-        S = lf.factors.S
-        d_out, d_in = S.shape
-        if identity:
-            layers[n] = LayerFactors(Factorization(S, None, None), None, dict(lf.info))
-            continue
-        A = torch.eye(b).repeat(d_out // b, 1, 1) + 0.1 * torch.randn(d_out // b, b, b, generator=g)
-        B = torch.eye(b).repeat(d_in // b, 1, 1) + 0.1 * torch.randn(d_in // b, b, b, generator=g)
-        layers[n] = LayerFactors(Factorization(S, A, B), 0.01 * torch.randn(d_out, generator=g), dict(lf.info))
-    man = {k: v for k, v in art.manifest.items() if k not in ("layers", "files", "model_files")}
-    return save_artifact(out, layers=layers, base=art.base, source_dir=art.path, manifest=man)
-
-
 @pytest.fixture(scope="module")
 def armor_art(tiny_artifact, tmp_path_factory) -> Path:
-    return make_variant(tiny_artifact, tmp_path_factory.mktemp("onnx") / "armor_ab", identity=False)
+    return with_random_blocks(tiny_artifact, tmp_path_factory.mktemp("onnx") / "armor_ab", identity=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +76,7 @@ def test_op_types_per_linear(armor_art, fp32_logits, tiny_artifact, tmp_path):
     assert "Einsum" not in counts
     # per ARMOR linear: B blocks, S, A blocks; plus QK^T and PV per attention layer
     assert counts["MatMul"] == 3 * len(art.layers) + 2 * n_layers, counts
-    ident = export_onnx(make_variant(tiny_artifact, tmp_path / "ident", identity=True), tmp_path / "ident_onnx")
+    ident = export_onnx(with_random_blocks(tiny_artifact, tmp_path / "ident", identity=True), tmp_path / "ident_onnx")
     c2 = op_counts(ident / "model.onnx")
     assert c2["MatMul"] == len(art.layers) + 2 * n_layers, c2  # identity A/B: no MatMul for them
     assert c2.get("Add", 0) == counts["Add"] - len(art.layers)  # no bias: no Add
@@ -225,7 +207,7 @@ def smol_armor(tmp_path_factory):
     d = tmp_path_factory.mktemp("smol")
     art = pipeline.prune(None, SolverConfig(method="nowag", block_size=32), CalibConfig(samples=4, seqlen=128),
                          d / "nowag", progress=False)
-    return make_variant(Path(art), d / "armor", identity=False, b=32)
+    return with_random_blocks(Path(art), d / "armor", identity=False, b=32)
 
 
 @pytest.mark.slow

@@ -44,3 +44,13 @@ def test_artifact_runtime_matches_dense_reconstruction(tiny_artifact):
         b = ref.eval()(input_ids=ids).logits
     # same math in a different association order, fp32: agree to ~1e-5
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_semi_structured_backend_names_and_strict_reason():
+    import pytest
+
+    lin = ArmorLinear(torch.zeros(8, 16), None, None)
+    with pytest.raises(ValueError, match="unknown semi-structured backend"):
+        lin.to_semi_structured("bogus")
+    with pytest.raises(RuntimeError, match="needs S on CUDA in fp16/bf16"):
+        lin.to_semi_structured("cutlass", strict=True)
