@@ -68,7 +68,9 @@ def group_scores(Gamma: torch.Tensor, b: int) -> torch.Tensor:
     Candidate c of pair (p, q) is local row c // (b/4), local group c % (b/4)."""
     K, d_out, d_in = Gamma.shape
     n0, n1, g = d_out // b, d_in // b, b // 4
-    sc = torch.linalg.vector_norm(Gamma.view(K, n0, b, n1, g, 4), ord=1, dim=-1)  # [K, n0, b, n1, g], one pass
+    # A matvec with ones(4): on CPU sum(-1) over a size-4 axis is 2x slower, vector_norm(ord=1) 100x.
+    ones = torch.ones(4, dtype=Gamma.dtype, device=Gamma.device)
+    sc = torch.matmul(Gamma.abs().view(-1, 4), ones).view(K, n0, b, n1, g)
     return sc.permute(0, 1, 3, 2, 4).reshape(K, n0, n1, b * g)
 
 
