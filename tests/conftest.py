@@ -31,9 +31,9 @@ def pytest_collection_modifyitems(config, items):
                    "needs TensorRT-LLM (pip install tensorrt-llm on a machine with an NVIDIA GPU)"),
     }
     for item in items:
-        for mark, (skip, reason) in gates.items():
-            if skip and mark in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+        reasons = [reason for mark, (skip, reason) in gates.items() if skip and mark in item.keywords]
+        if reasons:
+            item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
 
 
 @pytest.fixture(autouse=True)
