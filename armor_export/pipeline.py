@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from armor_export import __version__
 from armor_export.adapters import Family, split_name, target_names
@@ -135,19 +136,22 @@ def _layer_factors(loaded: Loaded, name: str, result, method: str, stats: LayerS
 
 
 def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] | None,
-                solver_cfg: SolverConfig, store: LayerStore | None = None) -> dict[str, LayerFactors]:
+                solver_cfg: SolverConfig, store: LayerStore | None = None, *,
+                progress: bool = False) -> dict[str, LayerFactors]:
     """Solve ``names`` in chunks of same-shaped layers (``shard.chunks``); each finished chunk is
     checkpointed into ``store`` when given. Layers already in the store are loaded, not solved."""
     done = store.done() if store is not None else set()
     out = {n: store.load(n) for n in names if n in done}
     todo = [n for n in names if n not in done]
     shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in todo}
-    for chunk in chunks(todo, shapes, solver_cfg.max_batch):
-        results = solve(solver_cfg.method, _problems(loaded, chunk, stats), solver_cfg)
-        for n, r in zip(chunk, results):
-            out[n] = _layer_factors(loaded, n, r, solver_cfg.method, None if stats is None else stats[n])
-            if store is not None:
-                store.save(n, out[n])
+    with tqdm(total=len(todo), desc=f"solve ({solver_cfg.method})", unit="layer", disable=not progress) as bar:
+        for chunk in chunks(todo, shapes, solver_cfg.max_batch):
+            results = solve(solver_cfg.method, _problems(loaded, chunk, stats), solver_cfg)
+            for n, r in zip(chunk, results):
+                out[n] = _layer_factors(loaded, n, r, solver_cfg.method, None if stats is None else stats[n])
+                if store is not None:
+                    store.save(n, out[n])
+            bar.update(len(chunk))
     return {n: out[n] for n in names}
 
 
@@ -258,14 +262,14 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
     calib_seconds = 0.0
     t_cal = time.perf_counter()
     if method.needs == "none":
-        layers = solve_dense(loaded, mine, None, solver_cfg, store)
+        layers = solve_dense(loaded, mine, None, solver_cfg, store, progress=progress)
     elif calib.mode == "sequential":
         layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
         stats = collect_stats(loaded, mine, tokens, full=method.needs == "full",
                               batch_size=calib.batch_size, progress=progress)
         calib_seconds = time.perf_counter() - t_cal
-        layers = solve_dense(loaded, mine, stats, solver_cfg, store)
+        layers = solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress)
     solve_seconds = time.perf_counter() - t_cal - calib_seconds
     dist.barrier()
     if not dist.main:
