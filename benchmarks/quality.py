@@ -2,18 +2,20 @@
 
     python -m benchmarks.quality [--smoke] [--out results/quality.json] [--only PARTS] [--skip PARTS] [--modelopt]
 
-Parts: ``dense`` (the unpruned model), ``main`` (every method, dense one-pass calibration), ``blocks`` (ARMOR
-block-size sweep), ``iters`` (ARMOR iteration sweep), ``sequential`` (one-pass vs sequential calibration),
-``modelopt`` (NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). Calibration statistics (full H
-when a method needs it, which also gives h = diag H) are collected once and reused by every one-pass method; each method's layers are swapped into a deep copy of the
-model as ``ArmorLinear`` modules and the copy is scored on the held-out windows (token perplexity, mean of the
-window means, fp32, batch 1). Per run: perplexity, mean proxy loss (SolveReport ``loss_final``, normalised so that
-W_hat = 0 gives 1), A/B parameter overhead (``report.artifact_summary``) and solve time. ARMOR's iterations and
-block size are read from ``solver.config.PRESETS["cpu"]`` at run time. Gap closed = (best baseline ppl - ARMOR ppl)
-/ (best baseline ppl - dense ppl), best baseline = the lowest one-pass baseline perplexity.
+Parts: ``dense`` (the unpruned model), ``main`` (every method, one-pass calibration), ``blocks`` (ARMOR block-size
+sweep), ``iters`` (ARMOR iteration sweep), ``sequential`` (one-pass vs sequential calibration), ``modelopt``
+(NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). One dense calibration pass (full H when a
+method needs it; h = diag H) is shared by every one-pass method; each method's layers are swapped into a deep copy
+of the model as ``ArmorLinear`` and the copy is scored on the held-out windows (token perplexity, mean of window
+means, fp32, batch 1). Per run: perplexity, mean proxy loss (SolveReport ``loss_final``; 1 = all-zero weight),
+A/B parameter overhead (``report.artifact_summary``), solve time. ARMOR's defaults come from
+``solver.config.PRESETS["cpu"]`` at run time. Gap closed = (best baseline ppl - ARMOR ppl) / (best baseline ppl -
+dense ppl), best baseline = the lowest one-pass baseline perplexity.
 
-``--smoke`` builds a tiny random Llama (with a small BPE tokenizer) and a tiny corpus in a temporary folder and
-runs every part in seconds. Prints a markdown table, writes the JSON, and prints the JSON as the last line.
+The JSON is rewritten after every run (``"partial": true`` until the end). ``--reuse`` takes runs from earlier JSONs
+made on the same token windows, so parts can run in separate processes and be merged (``--reuse-only`` computes
+nothing). ``--smoke`` builds a tiny random Llama (small BPE tokenizer) and corpus in a temporary folder and runs
+every part in seconds. Prints a markdown table, writes the JSON, and prints the JSON as the last line.
 """
 from __future__ import annotations
 
@@ -150,7 +152,7 @@ class Bench:
         preset = PRESETS["cpu"]
         self.b = args.block_size or preset["block_size"]
         self.iters = preset["iterations"] if args.iterations is None else args.iterations
-        self.stats, self.calib_seconds, self.cache = None, None, {}
+        self.stats, self.calib_seconds, self.cache, self.not_run = None, None, {}, []
         self.previous_runs, self.previous_modelopt, self.previous_dense = [], None, None
         for prev in args.reuse or ():
             self.load_previous(Path(prev), args.reuse_methods.split(","))
@@ -178,9 +180,10 @@ class Bench:
                 self.cache.setdefault(self.key(r), {**r, "from": str(path)})
         self.log(f"{len(self.cache)} reusable run(s) of {methods} after reading {path}")
 
-    def has(self, method: str, mode: str = "dense") -> bool:
+    def has(self, method: str, mode: str = "dense", iterations: int | None = None) -> bool:
         """Whether the default-settings run of ``method`` is already known (e.g. from --reuse)."""
-        return any(k[0] == method and k[1] == mode and k[2] in (None, self.b) and k[3] in (None, self.iters)
+        it = self.iters if iterations is None else iterations
+        return any(k[0] == method and k[1] == mode and k[2] in (None, self.b) and k[3] in (None, it)
                    and k[5] is False for k in self.cache)
 
     def log(self, msg: str) -> None:
@@ -214,6 +217,9 @@ class Bench:
                damp if method == "sparsegpt" else None, mask_only)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
+        if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
+            self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3]})
+            return None
         cfg = SolverConfig(method=method, block_size=b, iterations=it,
                            **({} if damp is None else {"sparsegpt_damp": damp}))
         stats = self.get_stats(get_method(method).needs == "full") if mode == "dense" else None
@@ -325,6 +331,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "repeatable; the first file holding a run wins")
     p.add_argument("--reuse-methods", default="magnitude,wanda,sparsegpt,nowag",
                    help="methods whose runs --reuse takes (ARMOR results depend on the solver version)")
+    p.add_argument("--sweep-iterations", type=int, default=None,
+                   help="ARMOR iterations of the block-size sweep and the sequential comparison (default: the default)")
+    p.add_argument("--reuse-only", action="store_true", help="compute nothing new: report runs missing from --reuse")
     p.add_argument("--full-stats", action="store_true", help="collect full H even when no method needs it")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --smoke: 1)")
     p.add_argument("--quiet", action="store_true")
@@ -396,19 +405,22 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
     res["dense"] = res["dense"] or bench.previous_dense
     dense_ppl = res["dense"] and res["dense"]["perplexity"]
 
-    def add(group: str, r: dict) -> dict:
+    def add(group: str, r: dict | None) -> dict | None:
+        if r is None:
+            return None
         r = {**r, "group": group}
         res["runs"].append(r)
         save(res, args.out, partial=True)  # a run cut short keeps what it finished
         return r
 
+    sweep_it = args.sweep_iterations  # None: the default iterations
     if "main" in args.parts:
-        main_runs = [add("main", bench.run(m)) for m in args.main_methods.split(",")]
+        main_runs = [r for r in (add("main", bench.run(m)) for m in args.main_methods.split(",")) if r]
         base, arm = [r for r in main_runs if r["method"] != "armor"], [r for r in main_runs if r["method"] == "armor"]
         if base and arm and dense_ppl:
             res["gap_closed"] = gap_closed(dense_ppl, base, arm[0])
     if "blocks" in args.parts:
-        res["sweeps"]["block_size"] = [add("block_sweep", bench.run("armor", block_size=b))
+        res["sweeps"]["block_size"] = [add("block_sweep", bench.run("armor", block_size=b, iterations=sweep_it))
                                        for b in map(int, args.block_sizes.split(","))]
     if "iters" in args.parts:
         its = map(int, args.iter_sweep.split(",")) if args.iter_sweep else (0, 100, bench.iters, 3 * bench.iters)
@@ -417,8 +429,9 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
     if "sequential" in args.parts:
         seq = []
         for m in args.seq_methods.split(","):  # the one-pass twin only if this invocation has it (main or --reuse)
-            twin = [bench.run(m)] if "main" in args.parts or bench.has(m) else []
-            seq += [add("sequential", r) for r in (*twin, bench.run(m, mode="sequential"))]
+            known = "main" in args.parts or bench.has(m, iterations=sweep_it)
+            twin = [bench.run(m, iterations=sweep_it)] if known else []
+            seq += [add("sequential", r) for r in (*twin, bench.run(m, mode="sequential", iterations=sweep_it))]
         res["sweeps"]["calibration_mode"] = seq
     base = [r for r in res["runs"] if r["group"] == "main" and r["method"] != "armor"]
     if base and dense_ppl:  # gap closed of every ARMOR variant against the same best one-pass baseline
@@ -439,6 +452,9 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
             theirs = res["modelopt"]["sparsegpt"]["perplexity"]
             res["modelopt"]["comparison"]["sparsegpt_damp0.1_mask_only"] = {
                 "ours": repro["perplexity"], "modelopt": theirs, "rel_diff": (repro["perplexity"] - theirs) / theirs}
+    for group in res["sweeps"].values():
+        group[:] = [r for r in group if r]
+    res["not_run"] = bench.not_run
     if bench.stats is not None:
         res["calibration"].update(seconds=bench.calib_seconds,
                                   stats="full H" if bench.stats[bench.names[0]].H is not None else "diag h")
