@@ -42,7 +42,11 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                    help="cpu: fast defaults for this machine; paper: b=128, 20000 iterations (the paper's runs)")
     g.add_argument("--block-size", type=int, default=None, help="ARMOR block size b (overrides the preset)")
     g.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-4)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (overrides the preset)")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="Adam step-size schedule (overrides the preset)")
+    g.add_argument("--sparse-rounds", type=int, default=None,
+                   help="exact sparse-core rounds per ARMOR iteration (overrides the preset)")
     g.add_argument("--selection", choices=SELECTIONS, default=None, help="sparse-core group selection rule")
     g.add_argument("--patience", type=int, default=None, help="early-stop patience in iterations (default 100)")
     g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
@@ -109,7 +113,8 @@ def solver_config(a):
 
     d = dict(PRESETS[a.preset], method=a.method, seed=a.seed, device=a.device)
     for flag, key in (("block_size", "block_size"), ("iterations", "iterations"), ("lr", "lr"),
-                      ("selection", "selection"), ("patience", "patience")):
+                      ("selection", "selection"), ("patience", "patience"),
+                      ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule")):
         if getattr(a, flag) is not None:
             d[key] = getattr(a, flag)
     return SolverConfig(**d)

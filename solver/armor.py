@@ -15,6 +15,7 @@ all deliberate (section 5 and 11 of the spec):
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -24,7 +25,7 @@ from solver import bcd_objective as obj
 from solver.baselines import nowag_score
 from solver.blockdiag import check_block_size, identity_blocks
 from solver.config import SolverConfig
-from solver.core_step import group_scores, select, sparse_core_round
+from solver.core_step import sparse_core_rounds
 from solver.factors import Factorization, LayerResult, SolveReport
 from solver.normalizer import fold, normalize
 from solver.sparsity import check_24_shape, mask_24, positive_zeros
@@ -113,17 +114,24 @@ def continuous_step(st: dict, step: int, lr: float, b: int) -> None:
     obj.core_gradient(st["A"], st["B"], st["G"], st["dT"], st["Gamma"])
 
 
+def learning_rate(cfg: SolverConfig, t: int) -> float:
+    """Adam step size of iteration t (1-based): constant, or cosine decay from cfg.lr to 0 at the last one."""
+    if cfg.lr_schedule == "cosine" and cfg.iterations > 1:
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (t - 1) / (cfg.iterations - 1)))
+    return cfg.lr
+
+
 def bcd_iteration(st: dict, gens: list, t: int, cfg: SolverConfig):
-    """Iteration t on the batched state: Adam step, one exact sparse-core round, loss [K] (fp64)."""
+    """Iteration t on the batched state: Adam step, cfg.sparse_rounds exact sparse-core rounds, loss [K] (fp64)."""
     b = cfg.block_size
     K, d_out, d_in = st["S"].shape
     if cfg.continuous == "adam":
-        continuous_step(st, t, cfg.lr, b)
-    rand = torch.stack([torch.rand(d_out // b, d_in // b, generator=g, device=st["S"].device) for g in gens])
-    cand, fallbacks = select(group_scores(st["Gamma"], b), rand, cfg.selection)
-    counts = sparse_core_round(st, cand, b, cfg.reset_adam_on_mask_change)
-    st["L"] = st["L"] + counts["dloss"]  # exact: the round changes each tile's quadratic by dphi
-    return st["L"], counts, fallbacks
+        continuous_step(st, t, learning_rate(cfg, t), b)
+    dev = st["S"].device
+    draw = lambda: torch.stack([torch.rand(d_out // b, d_in // b, generator=g, device=dev) for g in gens])  # noqa: E731
+    counts = sparse_core_rounds(st, draw, b, cfg.sparse_rounds, cfg.selection, cfg.reset_adam_on_mask_change)
+    st["L"] = st["L"] + counts["dloss"]  # exact: each round changes each tile's quadratic by dphi
+    return st["L"], counts, counts["uniform_fallbacks"]
 
 
 def _select_rows(st: dict, keep: torch.Tensor) -> dict:
@@ -167,7 +175,7 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
             for k in best:
                 best[k][idx] = st[k][idx]
             best_L = torch.where(improved, L, best_L)
-        c = {k: v.tolist() for k, v in counts.items() if k != "dloss"}
+        c = {k: v.tolist() for k, v in counts.items() if k not in ("dloss", "uniform_fallbacks")}
         fb, imp, stp, fin = fallbacks.tolist(), improved.tolist(), stopped.tolist(), finite.tolist()
         for j, k in enumerate(rows):
             o = out[k]

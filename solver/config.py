@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 SELECTIONS = ("gradient-random", "gradient-greedy", "uniform")
 CONTINUOUS = ("adam", "none")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,9 @@ class SolverConfig:
     block_size: int = 32
     iterations: int = 300
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # "cosine": decays lr to 0 over the iterations
     selection: str = "gradient-random"
+    sparse_rounds: int = 1  # exact sparse-core rounds per iteration (official n_sparse_core_updates_per_iter)
     continuous: str = "adam"
     patience: int = 100
     rtol: float = 1e-6
@@ -40,8 +43,12 @@ class SolverConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.continuous not in CONTINUOUS:
             raise ValueError(f"continuous must be one of {CONTINUOUS}, got {self.continuous!r}")
+        if self.sparse_rounds <= 0:
+            raise ValueError(f"sparse_rounds must be > 0, got {self.sparse_rounds}")
         if self.patience <= 0:
             raise ValueError(f"patience must be > 0, got {self.patience}")
         if self.sparsegpt_block <= 0 or self.sparsegpt_block % 4:

@@ -97,24 +97,64 @@ def select(scores: torch.Tensor, rand: torch.Tensor, selection: str):
 
 
 def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool) -> dict:
-    """Apply one exact round to the batched state ``st`` in place; return per-layer counts.
+    """One exact round on the groups ``cand`` [K, n0, n1] (candidate index per block pair), caches refreshed.
 
-    ``st`` holds A, B, V, M, S, T, G, dT, Gamma, hz, Z (and the Adam moments m_V, v_V). cand [K, n0, n1].
-    The residual E is not refreshed (the next forward recomputes it); the loss change is returned."""
-    A, B, S, h, Z = st["A"], st["B"], st["S"], st["h"], st["Z"]
+    ``st`` holds A, B, V, M, S, T, G, dT, Gamma, hz, Z (and the Adam moments m_V, v_V). The residual
+    E is not refreshed (the next forward recomputes it). Returns failed_solves, mask_changes and
+    dloss (exact change of L, fp64, <= 0), each [K]."""
+    counts, term = _round(st, cand, b, [], reset_moments)
+    _refresh(st, [term], b)
+    return counts
+
+
+def sparse_core_rounds(st: dict, draw, b: int, rounds: int, selection: str, reset_moments: bool) -> dict:
+    """``rounds`` exact rounds on the batched state ``st`` in place; per-layer counts summed over rounds.
+
+    ``draw()`` returns one uniform [K, n0, n1] tensor per round (per-layer generators). Every round
+    samples its groups from the selection scores at the first round (A and B do not move between
+    rounds, only S does); each re-solve is exact against the current state, because the group's
+    gradient entries include the rank-one terms of the earlier rounds. The caches are refreshed once
+    at the end (a rank-``rounds`` term per tile). With rounds = 1 this is ``sparse_core_round`` on
+    the sampled groups. Adds uniform_fallbacks [K] to the counts."""
+    scores = group_scores(st["Gamma"], b)
+    terms, total = [], None
+    for _ in range(rounds):
+        cand, fallbacks = select(scores, draw(), selection)
+        counts, term = _round(st, cand, b, terms, reset_moments)
+        counts["uniform_fallbacks"] = fallbacks
+        terms.append(term)
+        total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
+    _refresh(st, terms, b)
+    return total
+
+
+def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: bool):
+    """Re-solve the groups ``cand`` exactly; write S, M, V and the rows of T; return (counts, term).
+
+    ``earlier`` holds the terms of this iteration's previous rounds, not yet in the caches. Groups
+    are addressed by flat row indices (index_select/index_copy_ on [-1, 4] views): several times
+    cheaper on CPU than multi-dimensional advanced indexing."""
+    A, B, S, Z = st["A"], st["B"], st["S"], st["Z"]
     K, d_out, d_in = S.shape
     n0, n1, g4 = d_out // b, d_in // b, b // 4
     dev = S.device
+    ii, gg = cand // g4, cand % g4  # [K, n0, n1]: local row and local group of each pair's pick
     kk = torch.arange(K, device=dev)[:, None, None]
     pp = torch.arange(n0, device=dev)[None, :, None]
     qq = torch.arange(n1, device=dev)[None, None, :]
-    ii, gg = cand // g4, cand % g4  # [K, n0, n1]
-    six = lambda X: X.view(K, n0, b, n1, g4, 4)  # noqa: E731
-    s_old = six(S)[kk, pp, ii, qq, gg]  # [K, n0, n1, 4]
-    gam = six(st["Gamma"])[kk, pp, ii, qq, gg]
-    a = A[kk, pp, :, ii]  # [K, n0, n1, b]: column i_loc of A_p
-    Bg = B.view(K, n1, g4, 4, b)[kk, qq, gg]  # [K, n0, n1, 4, b]: rows of B_q in the group
-    hq = h.view(K, n1, b)[kk, qq]  # [K, 1, n1, b]
+    row = kk * d_out + pp * b + ii  # global row (over the batch) of each pick
+    gidx = (row * (d_in // 4) + qq * g4 + gg).reshape(-1)  # group index in X.view(-1, 4)
+    shape4 = (K, n0, n1, 4)
+    take = lambda X: X.view(-1, 4).index_select(0, gidx).view(shape4)  # noqa: E731
+    put = lambda X, v: X.view(-1, 4).index_copy_(0, gidx, v.reshape(-1, 4))  # noqa: E731
+    s_old, gam = take(S), take(st["Gamma"])
+    pick4 = gg[..., None, None].expand(K, n0, n1, 1, 4)
+    for _a, _w, Ata_r, wB_r in earlier:  # Gamma change of an earlier round: (A_p^T a_r)[i] (w_r B_q^T)[group]
+        gam = gam + Ata_r.gather(-1, ii[..., None]) * wB_r.view(K, n0, n1, g4, 4).gather(-2, pick4)[..., 0, :]
+    # column i_loc of A_p: row i_loc of A_p^T
+    a = A.transpose(-1, -2).reshape(-1, b).index_select(0, ((kk * n0 + pp) * b + ii).reshape(-1)).view(K, n0, n1, b)
+    Bg = B.reshape(-1, 4 * b).index_select(0, ((kk * n1 + qq) * g4 + gg).reshape(-1)).view(K, n0, n1, 4, b)
+    hq = st["h"].view(K, 1, n1, b)
     Q = torch.matmul(Bg * hq[..., None, :], Bg.transpose(-1, -2))  # [K, n0, n1, 4, 4]
     a2 = a.pow(2).sum(-1)
     u = (0.5 * Z)[:, None, None, None] * gam - a2[..., None] * (Q @ s_old[..., None])[..., 0]
@@ -122,31 +162,44 @@ def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool)
     s_new = s_new.to(S.dtype)
     m_new = torch.zeros_like(s_new, dtype=torch.bool)
     m_new.scatter_(-1, PATTERNS.to(dev)[pat], True)
-    m_old = six(st["M"])[kk, pp, ii, qq, gg]
+    m_old = take(st["M"])
     changed = accept & (m_new != m_old).any(-1)
     m_new = torch.where(accept[..., None], m_new, m_old)
-    v_new = torch.where(m_new, s_new, six(st["V"])[kk, pp, ii, qq, gg])
-    six(st["M"])[kk, pp, ii, qq, gg] = m_new
-    six(st["V"])[kk, pp, ii, qq, gg] = v_new
-    six(S)[kk, pp, ii, qq, gg] = s_new
+    put(st["M"], m_new)
+    put(st["V"], torch.where(m_new, s_new, take(st["V"])))
+    put(S, s_new)
     if reset_moments:
         keep = (~changed)[..., None].to(S.dtype)
         for key in ("m_V", "v_V"):
             if key in st:
-                six(st[key])[kk, pp, ii, qq, gg] = six(st[key])[kk, pp, ii, qq, gg] * keep
-    # Rank-one refresh of the cached products, one term per tile (a few d_out*d_in FLOP in all).
+                put(st[key], take(st[key]) * keep)
     ds = s_new - s_old  # zero where not accepted
     dTrow = (ds[..., None, :] @ Bg)[..., 0, :]  # [K, n0, n1, b]: change of row i of T in column block q
-    tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] view
-    st["T"].view(K, n0, b, n1, b)[kk, pp, ii, qq] += dTrow
+    tidx = (row * n1 + qq).reshape(-1)  # row i of T within column block q: one per pair, never repeated
+    Tb = st["T"].view(-1, b)
+    Tb.index_copy_(0, tidx, Tb.index_select(0, tidx).add_(dTrow.reshape(-1, b)))
     w = dTrow * st["hz"].view(K, 1, n1, b)  # change of row i of the residual tile, times (2/Z) h
-    tiles(st["G"]).addcmul_(a[..., :, None], w[..., None, :])  # G = (2/Z) E (.) h; E itself is not kept
     Ata = torch.einsum("kpjm,kpqj->kpqm", A, a)  # A_p^T a
-    tiles(st["dT"]).addcmul_(Ata[..., :, None], w[..., None, :])
     wB = torch.einsum("kpqj,kqmj->kpqm", w, B)  # w B_q^T
-    tiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])
-    return {
-        "failed_solves": failed.flatten(1).sum(1),
-        "mask_changes": changed.flatten(1).sum(1),
-        "dloss": dphi.flatten(1).sum(1) / Z.double(),  # exact change of L (fp64), <= 0
-    }
+    counts = {"failed_solves": failed.flatten(1).sum(1), "mask_changes": changed.flatten(1).sum(1),
+              "dloss": dphi.flatten(1).sum(1) / Z.double()}
+    return counts, (a, w, Ata, wB)
+
+
+def _refresh(st: dict, terms: list, b: int) -> None:
+    """Add the rounds' tile terms to the cached G, dT and Gamma (a few d_out*d_in FLOP each)."""
+    K, d_out, d_in = st["S"].shape
+    n0, n1 = d_out // b, d_in // b
+    tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] view
+    if len(terms) <= 2:  # an in-place addcmul per term beats building a temporary tile product
+        for a, w, Ata, wB in terms:
+            tiles(st["G"]).addcmul_(a[..., :, None], w[..., None, :])  # G = (2/Z) E (.) h
+            tiles(st["dT"]).addcmul_(Ata[..., :, None], w[..., None, :])
+            tiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])
+        return
+    col = lambda i: torch.stack([t[i] for t in terms], dim=-1)  # noqa: E731  [K, n0, n1, b, R]
+    row = lambda i: torch.stack([t[i] for t in terms], dim=-2)  # noqa: E731  [K, n0, n1, R, b]
+    a, Ata, w, wB = col(0), col(2), row(1), row(3)
+    tiles(st["G"]).add_(a @ w)
+    tiles(st["dT"]).add_(Ata @ w)
+    tiles(st["Gamma"]).add_(Ata @ wB)

@@ -130,3 +130,24 @@ def test_eval_config_rejects_nonsense():
         EvalConfig(windows=0)
     with pytest.raises(ValueError, match="calibration mode"):
         CalibConfig(mode="bogus")
+
+
+def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_path):
+    from armor_export.cli import main
+    from solver.config import PRESETS
+
+    out = tmp_path / "flags"
+    rc = main(["prune", "--model", str(tiny_model_dir), "--method", "armor", "--block-size", "8", "--iterations", "3",
+               "--lr", "2e-3", "--lr-schedule", "cosine", "--sparse-rounds", "2", "--calib-text",
+               str(tiny_text_dir / "calib"), "--calib-samples", "2", "--calib-seqlen", "16", "--out", str(out)])
+    assert rc == 0
+    cfg = load_artifact(out).manifest["solver_config"]
+    assert (cfg["block_size"], cfg["iterations"], cfg["lr"], cfg["lr_schedule"], cfg["sparse_rounds"]) == (
+        8, 3, 2e-3, "cosine", 2)
+    out2 = tmp_path / "preset"
+    rc = main(["prune", "--model", str(tiny_model_dir), "--method", "armor", "--block-size", "8", "--iterations", "2",
+               "--calib-text", str(tiny_text_dir / "calib"), "--calib-samples", "2", "--calib-seqlen", "16",
+               "--out", str(out2)])
+    cfg = load_artifact(out2).manifest["solver_config"]
+    for key in set(PRESETS["cpu"]) - {"block_size", "iterations"}:  # the rest of the default preset applies
+        assert cfg[key] == PRESETS["cpu"][key], key

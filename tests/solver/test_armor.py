@@ -153,3 +153,29 @@ def test_early_stopping_fires_with_no_progress():
     # the sparse step alone converges (each pair re-solved exactly), then patience 5 runs out
     assert r.report.early_stopped and r.report.iterations < 200
     assert r.report.loss_final <= r.report.loss_start
+
+
+def test_more_sparse_rounds_per_iteration_lower_the_loss():
+    probs = _problems(2, seed=4)
+    # the NoWag-P start is the exact optimum of every group while A = B = I, so the Adam step must run
+    base = dict(block_size=8, iterations=20, lr=1e-3, patience=10**6)
+    four = armor.solve_layers(probs, SolverConfig(sparse_rounds=4, **base))
+    one = armor.solve_layers(probs, SolverConfig(sparse_rounds=1, **base))
+    for f, o, p in zip(four, one, probs):
+        assert f.report.loss_final < o.report.loss_final <= o.report.loss_start
+        assert f.report.notes["mask_changes"] > o.report.notes["mask_changes"]
+        assert proxy_loss(p.W, f.factors.to_dense(), p.stats.h) == pytest.approx(f.report.loss_final, rel=1e-5)
+    with pytest.raises(ValueError, match="sparse_rounds"):
+        SolverConfig(sparse_rounds=0)
+
+
+def test_cosine_schedule_decays_to_zero_and_keeps_the_guarantee():
+    cfg = SolverConfig(block_size=8, iterations=21, lr=1e-3, lr_schedule="cosine", patience=10**6)
+    assert armor.learning_rate(cfg, 1) == pytest.approx(1e-3)
+    assert armor.learning_rate(cfg, 11) == pytest.approx(5e-4)
+    assert armor.learning_rate(cfg, 21) == pytest.approx(0.0, abs=1e-12)
+    assert armor.learning_rate(SolverConfig(lr=1e-3), 7) == 1e-3  # constant is the default
+    for r in solve("armor", _problems(2, seed=6), cfg):
+        assert r.report.status == "ok" and r.report.loss_final < r.report.loss_start
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SolverConfig(lr_schedule="linear")
