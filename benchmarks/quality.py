@@ -49,7 +49,7 @@ from solver.objective import proxy_loss
 from solver.stats import repair_h
 
 SCHEMA = "armor-export/quality/v1"
-PARTS = ("dense", "main", "blocks", "iters", "sequential", "modelopt")
+PARTS = ("dense", "main", "blocks", "iters", "lr", "sequential", "modelopt")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag")
 LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "nowag": "NoWag-P", "armor": "ARMOR"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def _solver_commit() -> str | None:
 
 SOLVER_COMMIT = _solver_commit()
 SMOKE = dict(calib_windows=8, calib_seqlen=64, eval_windows=8, eval_seqlen=64, block_size=16, iterations=20,
-             block_sizes="8,16,32", iter_sweep="0,5,20,60", threads=1)
+             block_sizes="8,16,32", iter_sweep="0,5,20,60", lr_sweep="1e-4,3e-3", threads=1)
 
 
 # ---------------------------------------------------------------- tiny model for --smoke
@@ -123,6 +123,8 @@ class Bench:
         preset = PRESETS["cpu"]
         self.b = args.block_size or preset["block_size"]
         self.iters = preset["iterations"] if args.iterations is None else args.iterations
+        self.lr = args.lr or preset.get("lr", SolverConfig.lr)
+        self.rounds = args.sparse_rounds or preset.get("sparse_rounds", SolverConfig.sparse_rounds)
         self.stats, self.calib_seconds, self.cache, self.not_run = None, None, {}, []
         self.previous_runs, self.previous_modelopt, self.previous_dense = [], None, None
         for prev in args.reuse or ():
@@ -133,8 +135,10 @@ class Bench:
 
     @staticmethod
     def key(r: dict) -> tuple:
+        armor = r["method"] == "armor"  # runs written before lr/rounds were recorded used lr 1e-4, 1 round
         return (r["method"], r["calibration"], r["block_size"], r["iterations"], r.get("sparsegpt_damp"),
-                r.get("mask_only", False))
+                r.get("mask_only", False), r.get("lr", 1e-4) if armor else None,
+                r.get("sparse_rounds", 1) if armor else None)
 
     def load_previous(self, path: Path, methods: list[str]) -> None:
         """Seed the cache with runs of ``methods`` from an earlier JSON made on the very same token windows."""
@@ -155,7 +159,7 @@ class Bench:
         """Whether the default-settings run of ``method`` is already known (e.g. from --reuse)."""
         it = self.iters if iterations is None else iterations
         return any(k[0] == method and k[1] == mode and k[2] in (None, self.b) and k[3] in (None, it)
-                   and k[5] is False for k in self.cache)
+                   and k[5] is False and k[6] in (None, self.lr) and k[7] in (None, self.rounds) for k in self.cache)
 
     def log(self, msg: str) -> None:
         if not self.args.quiet:
@@ -179,19 +183,23 @@ class Bench:
         return self.stats
 
     def run(self, method: str, *, mode: str = "dense", block_size: int | None = None,
-            iterations: int | None = None, damp: float | None = None, mask_only: bool = False) -> dict:
+            iterations: int | None = None, damp: float | None = None, mask_only: bool = False,
+            lr: float | None = None) -> dict:
         """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
         b = self.b if block_size is None else block_size
         it = self.iters if iterations is None else iterations
+        lr = self.lr if lr is None else lr
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
-               damp if method == "sparsegpt" else None, mask_only)
+               damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,
+               self.rounds if method == "armor" else None)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
-            self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3]})
+            self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3],
+                                 "lr": key[6], "sparse_rounds": key[7]})
             return None
-        cfg = SolverConfig(method=method, block_size=b, iterations=it,
+        cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=self.rounds,
                            **({} if damp is None else {"sparsegpt_damp": damp}))
         stats = self.get_stats(get_method(method).needs == "full") if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
@@ -215,12 +223,14 @@ class Bench:
                  + (" mask-only" if mask_only else ""))
         r = {"method": method, "label": label, "calibration": mode,
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
+             "lr": lr if method == "armor" else None, "sparse_rounds": self.rounds if method == "armor" else None,
              "perplexity": ppl, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
         assert self.key(r) == key
         self.cache[key] = r
-        self.log(f"{label} ({mode}, b={r['block_size']}, it={r['iterations']}): ppl {ppl:.3f}, "
+        self.log(f"{label} ({mode}, b={r['block_size']}, it={r['iterations']}, lr={r['lr']}, "
+                 f"rounds={r['sparse_rounds']}): ppl {ppl:.3f}, "
                  f"loss {r['mean_loss']}, solve {solve_s} s, eval {eval_s} s")
         return r
 
@@ -287,6 +297,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--block-size", type=int, default=None, help="ARMOR b (default: PRESETS['cpu'])")
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (default: PRESETS['cpu'])")
+    p.add_argument("--lr", type=float, default=None, help="ARMOR Adam learning rate (default: PRESETS['cpu'])")
+    p.add_argument("--sparse-rounds", type=int, default=None,
+                   help="ARMOR sparse-core rounds per iteration (default: PRESETS['cpu'])")
+    p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
     p.add_argument("--main-methods", default=",".join((*BASELINES, "armor")), help="methods of the main table")
     p.add_argument("--block-sizes", default="16,32,64", help="block-size sweep")
     p.add_argument("--iter-sweep", default=None, help="iteration sweep (default: 0,100,D,3D with D the default)")
@@ -367,7 +381,8 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
            "model": {"folder": str(bench.loaded.folder), "targets": len(bench.names)},
            "calibration": {**bench.calib.describe(), "mode": "dense one-pass, shared by all one-pass runs"},
            "evaluation": {**bench.ev.describe(), "metric": "token perplexity, exp(mean of window means), fp32, bs 1"},
-           "armor_defaults": {"preset_cpu": dict(PRESETS["cpu"]), "block_size": bench.b, "iterations": bench.iters},
+           "armor_defaults": {"preset_cpu": dict(PRESETS["cpu"]), "block_size": bench.b, "iterations": bench.iters,
+                              "lr": bench.lr, "sparse_rounds": bench.rounds},
            "dense": None, "runs": [], "gap_closed": None, "sweeps": {}, "modelopt": None}
     if "dense" in args.parts:
         dense_ppl, dense_s = bench.ppl(bench.loaded.model)
@@ -397,6 +412,9 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
         its = map(int, args.iter_sweep.split(",")) if args.iter_sweep else (0, 100, bench.iters, 3 * bench.iters)
         res["sweeps"]["iterations"] = [add("iteration_sweep", bench.run("armor", iterations=i))
                                        for i in sorted(set(its))]
+    if "lr" in args.parts:
+        lrs = map(float, args.lr_sweep.split(",")) if args.lr_sweep else (1e-4, 1e-3, bench.lr)
+        res["sweeps"]["lr"] = [add("lr_sweep", bench.run("armor", lr=x)) for x in sorted(set(lrs))]
     if "sequential" in args.parts:
         seq = []
         for m in args.seq_methods.split(","):  # the one-pass twin only if this invocation has it (main or --reuse)
