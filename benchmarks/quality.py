@@ -2,8 +2,9 @@
 
     python -m benchmarks.quality [--smoke] [--out results/quality.json] [--only PARTS] [--skip PARTS] [--modelopt]
 
-Parts: ``dense`` (the unpruned model), ``main`` (every method, one-pass calibration), ``blocks`` (ARMOR block-size
-sweep), ``iters`` (ARMOR iteration sweep), ``sequential`` (one-pass vs sequential calibration), ``modelopt``
+Parts: ``dense`` (the unpruned model), ``main`` (every method, one-pass calibration), ``iters`` (ARMOR iteration
+sweep), ``lr`` (Adam learning-rate sweep), ``rounds`` (sparse-core rounds per iteration), ``blocks`` (ARMOR
+block-size sweep), ``sequential`` (one-pass vs sequential calibration), ``modelopt``
 (NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). One dense calibration pass (full H when a
 method needs it; h = diag H) is shared by every one-pass method; each method's layers are swapped into a deep copy
 of the model as ``ArmorLinear`` and the copy is scored on the held-out windows (token perplexity, mean of window
@@ -49,7 +50,7 @@ from solver.objective import proxy_loss
 from solver.stats import repair_h
 
 SCHEMA = "armor-export/quality/v1"
-PARTS = ("dense", "main", "blocks", "iters", "lr", "sequential", "modelopt")
+PARTS = ("dense", "main", "iters", "lr", "rounds", "blocks", "sequential", "modelopt")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag")
 LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "nowag": "NoWag-P", "armor": "ARMOR"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,8 @@ def _solver_commit() -> str | None:
 
 SOLVER_COMMIT = _solver_commit()
 SMOKE = dict(calib_windows=8, calib_seqlen=64, eval_windows=8, eval_seqlen=64, block_size=16, iterations=20,
-             block_sizes="8,16,32", iter_sweep="0,5,20,60", lr_sweep="1e-4,3e-3", threads=1)
+             block_sizes="8,16,32", iter_sweep="0,5,20,60", lr_sweep="1e-4,3e-3",
+             rounds_sweep="1,2", threads=1)
 
 
 # ---------------------------------------------------------------- tiny model for --smoke
@@ -184,22 +186,23 @@ class Bench:
 
     def run(self, method: str, *, mode: str = "dense", block_size: int | None = None,
             iterations: int | None = None, damp: float | None = None, mask_only: bool = False,
-            lr: float | None = None) -> dict:
+            lr: float | None = None, rounds: int | None = None) -> dict:
         """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
         b = self.b if block_size is None else block_size
         it = self.iters if iterations is None else iterations
         lr = self.lr if lr is None else lr
+        rounds = self.rounds if rounds is None else rounds
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
                damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,
-               self.rounds if method == "armor" else None)
+               rounds if method == "armor" else None)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
             self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3],
                                  "lr": key[6], "sparse_rounds": key[7]})
             return None
-        cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=self.rounds,
+        cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
                            **({} if damp is None else {"sparsegpt_damp": damp}))
         stats = self.get_stats(get_method(method).needs == "full") if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
@@ -223,7 +226,7 @@ class Bench:
                  + (" mask-only" if mask_only else ""))
         r = {"method": method, "label": label, "calibration": mode,
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
-             "lr": lr if method == "armor" else None, "sparse_rounds": self.rounds if method == "armor" else None,
+             "lr": lr if method == "armor" else None, "sparse_rounds": rounds if method == "armor" else None,
              "perplexity": ppl, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
@@ -301,6 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparse-rounds", type=int, default=None,
                    help="ARMOR sparse-core rounds per iteration (default: PRESETS['cpu'])")
     p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
+    p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")
     p.add_argument("--main-methods", default=",".join((*BASELINES, "armor")), help="methods of the main table")
     p.add_argument("--block-sizes", default="16,32,64", help="block-size sweep")
     p.add_argument("--iter-sweep", default=None, help="iteration sweep (default: 0,100,D,3D with D the default)")
@@ -405,9 +409,6 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
         base, arm = [r for r in main_runs if r["method"] != "armor"], [r for r in main_runs if r["method"] == "armor"]
         if base and arm and dense_ppl:
             res["gap_closed"] = gap_closed(dense_ppl, base, arm[0])
-    if "blocks" in args.parts:
-        res["sweeps"]["block_size"] = [add("block_sweep", bench.run("armor", block_size=b, iterations=sweep_it))
-                                       for b in map(int, args.block_sizes.split(","))]
     if "iters" in args.parts:
         its = map(int, args.iter_sweep.split(",")) if args.iter_sweep else (0, 100, bench.iters, 3 * bench.iters)
         res["sweeps"]["iterations"] = [add("iteration_sweep", bench.run("armor", iterations=i))
@@ -415,6 +416,12 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
     if "lr" in args.parts:
         lrs = map(float, args.lr_sweep.split(",")) if args.lr_sweep else (1e-4, 1e-3, bench.lr)
         res["sweeps"]["lr"] = [add("lr_sweep", bench.run("armor", lr=x)) for x in sorted(set(lrs))]
+    if "rounds" in args.parts:
+        rs = map(int, args.rounds_sweep.split(",")) if args.rounds_sweep else (1, bench.rounds)
+        res["sweeps"]["sparse_rounds"] = [add("rounds_sweep", bench.run("armor", rounds=x)) for x in sorted(set(rs))]
+    if "blocks" in args.parts:
+        res["sweeps"]["block_size"] = [add("block_sweep", bench.run("armor", block_size=b, iterations=sweep_it))
+                                       for b in map(int, args.block_sizes.split(","))]
     if "sequential" in args.parts:
         seq = []
         for m in args.seq_methods.split(","):  # the one-pass twin only if this invocation has it (main or --reuse)

@@ -24,7 +24,7 @@ def smoke(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("quality") / "quality.json"
     res = main(["--smoke", "--quiet", "--out", str(out), "--iterations", "6", "--block-sizes", "8,16",
-                "--iter-sweep", "0,6", "--lr-sweep", "1e-4,3e-3", "--eval-windows", "4"])
+                "--iter-sweep", "0,6", "--lr-sweep", "1e-4,3e-3", "--rounds-sweep", "1,2", "--eval-windows", "4"])
     return res, json.loads(out.read_text())
 
 
@@ -34,10 +34,10 @@ def test_schema(smoke):
     for key in ("date_utc", "machine", "library_versions", "calibration", "evaluation", "armor_defaults", "dense",
                 "runs", "gap_closed", "sweeps", "seconds_total"):
         assert key in on_disk, key
-    assert on_disk["parts"] == ["dense", "main", "blocks", "iters", "lr", "sequential"]
+    assert on_disk["parts"] == ["dense", "main", "iters", "lr", "rounds", "blocks", "sequential"]
     assert on_disk["partial"] is False
     assert on_disk["modelopt"] is None
-    assert set(on_disk["sweeps"]) == {"block_size", "iterations", "lr", "calibration_mode"}
+    assert set(on_disk["sweeps"]) == {"block_size", "iterations", "lr", "sparse_rounds", "calibration_mode"}
     assert on_disk["calibration"]["windows"] == 8 and on_disk["evaluation"]["windows"] == 4
     main_methods = [r["method"] for r in on_disk["runs"] if r["group"] == "main"]
     assert main_methods == ["magnitude", "wanda", "sparsegpt", "nowag", "armor"]
@@ -45,10 +45,11 @@ def test_schema(smoke):
     assert [r["block_size"] for r in on_disk["sweeps"]["block_size"]] == [8, 16]
     assert [r["iterations"] for r in on_disk["sweeps"]["iterations"]] == [0, 6]
     assert [r["lr"] for r in on_disk["sweeps"]["lr"]] == [1e-4, 3e-3]
+    assert [r["sparse_rounds"] for r in on_disk["sweeps"]["sparse_rounds"]] == [1, 2]
     defaults = on_disk["armor_defaults"]
     for r in on_disk["runs"]:
         if r["method"] == "armor":
-            assert r["sparse_rounds"] == defaults["sparse_rounds"] and r["lr"] in (1e-4, 3e-3, defaults["lr"])
+            assert r["sparse_rounds"] in (1, 2, defaults["sparse_rounds"]) and r["lr"] in (1e-4, 3e-3, defaults["lr"])
     for r in on_disk["runs"]:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
 
