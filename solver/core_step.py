@@ -114,7 +114,7 @@ def sparse_core_rounds(st: dict, draw, b: int, rounds: int, selection: str, rese
     samples its groups from the selection scores at the first round (A and B do not move between
     rounds, only S does); each re-solve is exact against the current state, because the group's
     gradient entries include the rank-one terms of the earlier rounds. The caches are refreshed once
-    at the end (a rank-``rounds`` term per tile). With rounds = 1 this is ``sparse_core_round`` on
+    at the end (one in-place rank-one pass per round). With rounds = 1 this is ``sparse_core_round`` on
     the sampled groups. Adds uniform_fallbacks [K] to the counts."""
     scores = group_scores(st["Gamma"], b)
     Qall = group_grams(st["B"], st["h"], b)  # B does not move between rounds
