@@ -409,16 +409,15 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
         base, arm = [r for r in main_runs if r["method"] != "armor"], [r for r in main_runs if r["method"] == "armor"]
         if base and arm and dense_ppl:
             res["gap_closed"] = gap_closed(dense_ppl, base, arm[0])
-    if "iters" in args.parts:
-        its = map(int, args.iter_sweep.split(",")) if args.iter_sweep else (0, 100, bench.iters, 3 * bench.iters)
-        res["sweeps"]["iterations"] = [add("iteration_sweep", bench.run("armor", iterations=i))
-                                       for i in sorted(set(its))]
-    if "lr" in args.parts:
-        lrs = map(float, args.lr_sweep.split(",")) if args.lr_sweep else (1e-4, 1e-3, bench.lr)
-        res["sweeps"]["lr"] = [add("lr_sweep", bench.run("armor", lr=x)) for x in sorted(set(lrs))]
-    if "rounds" in args.parts:
-        rs = map(int, args.rounds_sweep.split(",")) if args.rounds_sweep else (1, bench.rounds)
-        res["sweeps"]["sparse_rounds"] = [add("rounds_sweep", bench.run("armor", rounds=x)) for x in sorted(set(rs))]
+    one_variable = (  # (part, sweep key, run group, Bench.run keyword, type, --*-sweep value, default values)
+        ("iters", "iterations", "iteration_sweep", "iterations", int, args.iter_sweep,
+         (0, 100, bench.iters, 3 * bench.iters)),
+        ("lr", "lr", "lr_sweep", "lr", float, args.lr_sweep, (1e-4, 1e-3, bench.lr)),
+        ("rounds", "sparse_rounds", "rounds_sweep", "rounds", int, args.rounds_sweep, (1, bench.rounds)))
+    for part, key, group, kw, cast, given, default in one_variable:
+        if part in args.parts:
+            values = sorted(set(map(cast, given.split(",")) if given else default))
+            res["sweeps"][key] = [add(group, bench.run("armor", **{kw: v})) for v in values]
     if "blocks" in args.parts:
         res["sweeps"]["block_size"] = [add("block_sweep", bench.run("armor", block_size=b, iterations=sweep_it))
                                        for b in map(int, args.block_sizes.split(","))]

@@ -122,7 +122,9 @@ def learning_rate(cfg: SolverConfig, t: int) -> float:
 
 
 def bcd_iteration(st: dict, gens: list, t: int, cfg: SolverConfig):
-    """Iteration t on the batched state: Adam step, cfg.sparse_rounds exact sparse-core rounds, loss [K] (fp64)."""
+    """Iteration t on the batched state: Adam step, cfg.sparse_rounds exact sparse-core rounds.
+
+    Returns (loss [K] fp64, per-layer counts of sparse_core_rounds)."""
     b = cfg.block_size
     K, d_out, d_in = st["S"].shape
     if cfg.continuous == "adam":
@@ -131,7 +133,7 @@ def bcd_iteration(st: dict, gens: list, t: int, cfg: SolverConfig):
     draw = lambda: torch.stack([torch.rand(d_out // b, d_in // b, generator=g, device=dev) for g in gens])  # noqa: E731
     counts = sparse_core_rounds(st, draw, b, cfg.sparse_rounds, cfg.selection, cfg.reset_adam_on_mask_change)
     st["L"] = st["L"] + counts["dloss"]  # exact: each round changes each tile's quadratic by dphi
-    return st["L"], counts, counts["uniform_fallbacks"]
+    return st["L"], counts
 
 
 def _select_rows(st: dict, keep: torch.Tensor) -> dict:
@@ -161,7 +163,7 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
             gens = [gens[j] for j in keep.tolist()]
         if not rows:
             break
-        L, counts, fallbacks = bcd_iteration(st, gens, t, cfg)
+        L, counts = bcd_iteration(st, gens, t, cfg)
         finite = torch.isfinite(L)
         no_gain = (L > (1 - cfg.rtol) * prev_L) | (L > prev_L - cfg.atol) | ~finite
         patience = torch.where(no_gain, patience - 1, torch.full_like(patience, cfg.patience))
@@ -175,13 +177,13 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
             for k in best:
                 best[k][idx] = st[k][idx]
             best_L = torch.where(improved, L, best_L)
-        c = {k: v.tolist() for k, v in counts.items() if k not in ("dloss", "uniform_fallbacks")}
-        fb, imp, stp, fin = fallbacks.tolist(), improved.tolist(), stopped.tolist(), finite.tolist()
+        c = {k: v.tolist() for k, v in counts.items() if k != "dloss"}
+        imp, stp, fin = improved.tolist(), stopped.tolist(), finite.tolist()
         for j, k in enumerate(rows):
             o = out[k]
             o["failed_solves"] += c["failed_solves"][j]
             o["mask_changes"] += c["mask_changes"][j]
-            o["uniform_fallbacks"] += fb[j]
+            o["uniform_fallbacks"] += c["uniform_fallbacks"][j]
             o["iterations"] = t
             o["best_iteration"] = t if imp[j] else o["best_iteration"]
             o["nonfinite"] = not fin[j]
