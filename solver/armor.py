@@ -66,6 +66,7 @@ def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
 
 def _init_batch(starts: list[dict], cfg: SolverConfig, dev: torch.device) -> dict:
     st = {k: torch.stack([s[k] for s in starts]).to(dev) for k in ("W_bar", "h", "M", "S", "A", "B")}
+    st["M"] = st["M"].to(st["S"].dtype)  # 0/1 in S's dtype: S = V M and dL/dV = Gamma M need no conversion
     st["V"] = st["S"].clone()
     st["Z"] = obj.loss_scale(st["W_bar"], st["h"])
     st["hz"] = st["h"] * (2.0 / st["Z"])[:, None]

@@ -76,9 +76,12 @@ def loss_scale(W_bar: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def forward(A, S, B, W_bar, T=None, E=None):
-    """(T = S B, E = A T - W_bar): two units (into T, E when given)."""
+    """(T = S B, E = A T - W_bar): two units (into T, E when given); the subtraction is the GEMM's beta."""
     T = rmul(S, B, T)
-    E = lmul(A, T, E).sub_(W_bar)
+    E = _out(T, E)
+    K, n0, b, _ = A.shape
+    flat = lambda X: X.view(K * n0, b, -1)  # noqa: E731
+    torch.baddbmm(flat(W_bar), flat(A), flat(T), beta=-1.0, out=flat(E))
     return T, E
 
 

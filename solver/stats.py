@@ -32,6 +32,10 @@ class DiagAccumulator:
     def add(self, x: torch.Tensor) -> None:
         X, dropped = _flatten_finite(x)
         self.dropped += dropped
+        self.add_rows(X)
+
+    def add_rows(self, X: torch.Tensor) -> None:
+        """Add already flattened, finite fp32 rows X [m, d_in]."""
         m = X.shape[0]
         if m == 0:
             return
@@ -41,26 +45,36 @@ class DiagAccumulator:
 
 
 class HessianAccumulator:
-    """H = 2 X^T X / N over every token seen (also provides h = diag(H))."""
+    """H = 2 X^T X / N over every token seen, and h accumulated exactly as DiagAccumulator does.
+
+    h is not read off diag(H): the GEMM sums in another order, and at the cpu preset's step size those
+    last-bit differences flip pattern choices. With one accumulation for h, a method that needs only h
+    gets bit-identical statistics whether or not the full H was collected beside it."""
 
     def __init__(self, d_in: int, device=None):
         self.H = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
-        self.n = 0
-        self.dropped = 0
+        self._diag = DiagAccumulator(d_in, device)
 
-    def add(self, x: torch.Tensor) -> None:
-        X, dropped = _flatten_finite(x)
-        self.dropped += dropped
-        m = X.shape[0]
-        if m == 0:
-            return
-        total = self.n + m
-        self.H.mul_(self.n / total).addmm_(X.T, X, alpha=2.0 / total)
-        self.n = total
+    @property
+    def n(self) -> int:
+        return self._diag.n
+
+    @property
+    def dropped(self) -> int:
+        return self._diag.dropped
 
     @property
     def h(self) -> torch.Tensor:
-        return torch.diagonal(self.H).clone()
+        return self._diag.h
+
+    def add(self, x: torch.Tensor) -> None:
+        X, dropped = _flatten_finite(x)
+        self._diag.dropped += dropped
+        n, m = self._diag.n, X.shape[0]
+        if m == 0:
+            return
+        self._diag.add_rows(X)
+        self.H.mul_(n / (n + m)).addmm_(X.T, X, alpha=2.0 / (n + m))
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,14 @@ def test_layer_stats_is_frozen():
     assert s.H is None and s.dropped_tokens == 0
     with pytest.raises(Exception):
         s.n_tokens = 4
+
+
+def test_h_is_bit_identical_with_or_without_the_full_hessian():
+    # ARMOR reads only h; collecting H beside it (the quality benchmark does) must not change h's bits
+    X = tokens(3 * 64, 16, seed=5).reshape(3, 64, 16) * 7.0
+    d, f = DiagAccumulator(16), HessianAccumulator(16)
+    for batch in X:
+        d.add(batch)
+        f.add(batch)
+    assert torch.equal(d.h, f.h) and d.n == f.n == 192
+    close(f.H, one_shot_H(X.reshape(-1, 16)))
