@@ -30,6 +30,7 @@ import time
 import torch
 
 from solver import armor
+from solver.bcd_objective import to_cols
 from solver.blockdiag import left_mul, right_mul
 from solver.config import PRESETS, SolverConfig
 from solver.core_step import group_scores, select, solve_patterns
@@ -86,7 +87,7 @@ class Reference:
         d_out, d_in = W.shape
         n0, n1, g4 = d_out // b, d_in // b, b // 4
         rand = torch.rand(n0, n1, generator=self.gen)
-        cand, _ = select(group_scores(Gamma[None], b), rand[None], self.cfg.selection)
+        cand, _ = select(group_scores(to_cols(Gamma[None], b), b), rand[None], self.cfg.selection)
         ii, gg = (cand[0] // g4), (cand[0] % g4)
         pp, qq = torch.arange(n0)[:, None], torch.arange(n1)[None, :]
         with torch.no_grad():

@@ -65,8 +65,11 @@ def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
 
 
 def _init_batch(starts: list[dict], cfg: SolverConfig, dev: torch.device) -> dict:
-    st = {k: torch.stack([s[k] for s in starts]).to(dev) for k in ("W_bar", "h", "M", "S", "A", "B")}
-    st["M"] = st["M"].to(st["S"].dtype)  # 0/1 in S's dtype: S = V M and dL/dV = Gamma M need no conversion
+    b = cfg.block_size
+    st = {k: torch.stack([s[k] for s in starts]).to(dev) for k in ("W_bar", "h", "S", "A", "B")}
+    st["S"] = obj.to_cols(st["S"], b)  # S, V, M, Gamma and V's moments in the column layout (bcd_objective)
+    # The mask is 0/1 in S's dtype: S = V M and dL/dV = Gamma M need no bool conversion.
+    st["M"] = obj.to_cols(torch.stack([s["M"] for s in starts]).to(dev, st["S"].dtype), b)
     st["V"] = st["S"].clone()
     st["Z"] = obj.loss_scale(st["W_bar"], st["h"])
     st["hz"] = st["h"] * (2.0 / st["Z"])[:, None]
@@ -127,14 +130,19 @@ def bcd_iteration(st: dict, gens: list, t: int, cfg: SolverConfig):
 
     Returns (loss [K] fp64, per-layer counts of sparse_core_rounds)."""
     b = cfg.block_size
-    K, d_out, d_in = st["S"].shape
+    K, n1, d_out, _ = st["S"].shape  # column layout
     if cfg.continuous == "adam":
         continuous_step(st, t, learning_rate(cfg, t), b)
     dev = st["S"].device
-    draw = lambda: torch.stack([torch.rand(d_out // b, d_in // b, generator=g, device=dev) for g in gens])  # noqa: E731
+    draw = lambda: torch.stack([torch.rand(d_out // b, n1, generator=g, device=dev) for g in gens])  # noqa: E731
     counts = sparse_core_rounds(st, draw, b, cfg.sparse_rounds, cfg.selection, cfg.reset_adam_on_mask_change)
     st["L"] = st["L"] + counts["dloss"]  # exact: each round changes each tile's quadratic by dphi
     return st["L"], counts
+
+
+def _unbatch(best: dict, j: int):
+    """(A, B, S) of the j-th layer of a batched snapshot, on the CPU, S back in the row layout."""
+    return best["A"][j].cpu(), best["B"][j].cpu(), obj.to_rows(best["S"][j:j + 1])[0].cpu()
 
 
 def _select_rows(st: dict, keep: torch.Tensor) -> dict:
@@ -190,11 +198,11 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
             o["nonfinite"] = not fin[j]
             o["early_stopped"] = fin[j] and stp[j] and t < cfg.iterations
             if stp[j]:
-                o["A"], o["B"], o["S"] = (best[x][j].cpu() for x in ("A", "B", "S"))
+                o["A"], o["B"], o["S"] = _unbatch(best, j)
         active = ~stopped
     for j, k in enumerate(rows):
         if "S" not in out[k]:
-            out[k]["A"], out[k]["B"], out[k]["S"] = (best[x][j].cpu() for x in ("A", "B", "S"))
+            out[k]["A"], out[k]["B"], out[k]["S"] = _unbatch(best, j)
     for k, o in enumerate(out):  # layers that were never active (non-finite start)
         if "S" not in o:
             o["A"], o["B"], o["S"] = (starts[k][x].cpu() for x in ("A", "B", "S"))

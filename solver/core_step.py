@@ -71,16 +71,17 @@ def solve_patterns(Q: torch.Tensor, u: torch.Tensor, a2: torch.Tensor, s_old: to
 
 
 def group_scores(Gamma: torch.Tensor, b: int) -> torch.Tensor:
-    """[K, n0, n1, b*b/4]: L1 norm of Gamma over each group, candidates of a block pair last.
+    """[K, n0, n1, b*b/4]: L1 norm of Gamma (column layout [K, n1, d_out, b]) over each group.
 
-    Candidate c of pair (p, q) is local row c // (b/4), local group c % (b/4)."""
-    K, d_out, d_in = Gamma.shape
-    n0, n1, g = d_out // b, d_in // b, b // 4
+    Candidates of a block pair are last: candidate c of pair (p, q) is local row c // (b/4), local
+    group c % (b/4)."""
+    K, n1, d_out, _ = Gamma.shape
+    n0, g = d_out // b, b // 4
     # Three adds of strided columns: on CPU sum(-1) over a size-4 axis is 2.4x slower, a matvec with
     # ones(4) 1.4x, vector_norm(ord=1) 100x.
     x = Gamma.abs().view(-1, 4)
-    sc = (x[:, 0] + x[:, 1]).add_(x[:, 2]).add_(x[:, 3]).view(K, n0, b, n1, g)
-    return sc.permute(0, 1, 3, 2, 4).reshape(K, n0, n1, b * g)
+    sc = (x[:, 0] + x[:, 1]).add_(x[:, 2]).add_(x[:, 3]).view(K, n1, n0, b * g)
+    return sc.transpose(1, 2).contiguous()
 
 
 def select(scores: torch.Tensor, rand: torch.Tensor, selection: str):
@@ -159,7 +160,8 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     are addressed by flat row indices (index_select/index_copy_ on [-1, 4] views): several times
     cheaper on CPU than multi-dimensional advanced indexing."""
     A, B, S, Z = st["A"], st["B"], st["S"], st["Z"]
-    K, d_out, d_in = S.shape
+    K, n1, d_out, _ = S.shape
+    d_in = n1 * b
     n0, n1, g4 = d_out // b, d_in // b, b // 4
     dev = S.device
     ii, gg = cand // g4, cand % g4  # [K, n0, n1]: local row and local group of each pair's pick
@@ -167,7 +169,8 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     pp = torch.arange(n0, device=dev)[None, :, None]
     qq = torch.arange(n1, device=dev)[None, None, :]
     row = kk * d_out + pp * b + ii  # global row (over the batch) of each pick
-    gidx = (row * (d_in // 4) + qq * g4 + gg).reshape(-1)  # group index in X.view(-1, 4)
+    # group index in X.view(-1, 4) for X in the column layout [K, n1, d_out, b]
+    gidx = (((kk * n1 + qq) * d_out + pp * b + ii) * g4 + gg).reshape(-1)
     shape4 = (K, n0, n1, 4)
     take = lambda X: X.view(-1, 4).index_select(0, gidx).view(shape4)  # noqa: E731
     put = lambda X, v: X.view(-1, 4).index_copy_(0, gidx, v.reshape(-1, 4))  # noqa: E731
@@ -212,12 +215,13 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
 
 def _refresh(st: dict, terms: list, b: int) -> None:
     """Add the rounds' tile terms to the cached G, dT and Gamma (a few d_out*d_in FLOP each)."""
-    K, d_out, d_in = st["S"].shape
-    n0, n1 = d_out // b, d_in // b
-    tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] view
+    K, n1, d_out, _ = st["S"].shape
+    n0 = d_out // b
+    tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] of rows
+    ctiles = lambda X: X.view(K, n1, n0, b, b).transpose(1, 2)  # noqa: E731  the same of the column layout
     # One in-place addcmul per term: a batched rank-R product of the b x b tiles plus one add is
     # 1.6x slower on CPU even at R = 4 (tiny per-tile matmuls, and a full temporary).
     for a, w, Ata, wB in terms:
         tiles(st["G"]).addcmul_(a[..., :, None], w[..., None, :])  # G = (2/Z) E (.) h
         tiles(st["dT"]).addcmul_(Ata[..., :, None], w[..., None, :])
-        tiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])
+        ctiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])

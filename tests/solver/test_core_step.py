@@ -56,10 +56,11 @@ def test_closed_form_equals_brute_force_odd_shapes():
         st, g = _random_state(seed)
         n0, n1 = 5, 3
         cand, _ = select(group_scores(st["Gamma"], b), torch.rand(1, n0, n1, generator=g), "gradient-random")
-        before = {k: st[k][0].double().numpy().copy() for k in ("W_bar", "S", "h")}
+        before = {k: st[k][0].double().numpy().copy() for k in ("W_bar", "h")}
+        before["S"] = obj.to_rows(st["S"])[0].double().numpy()  # S is kept in the column layout
         A, B = st["A"][0].double().numpy(), st["B"][0].double().numpy()
         sparse_core_round(st, cand, b, False)
-        S_after = st["S"][0].double().numpy()
+        S_after = obj.to_rows(st["S"])[0].double().numpy()
         for p in range(n0):
             for q in range(n1):
                 i, gl = divmod(int(cand[0, p, q]), b // 4)
