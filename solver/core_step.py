@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from solver.config import SELECTIONS
+
 PATTERNS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
 DAMP_REL = 1e-7  # damping of each 2x2 system, relative to its trace (fp64 solves)
 DET_REL = 1e-14  # a damped 2x2 system is singular when det <= DET_REL * trace^2
@@ -70,38 +72,54 @@ def solve_patterns(Q: torch.Tensor, u: torch.Tensor, a2: torch.Tensor, s_old: to
     return out
 
 
-def group_scores(Gamma: torch.Tensor, b: int) -> torch.Tensor:
+def group_scores(Gamma: torch.Tensor, b: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """[K, n0, n1, b*b/4]: L1 norm of Gamma (column layout [K, n1, d_out, b]) over each group.
 
     Candidates of a block pair are last: candidate c of pair (p, q) is local row c // (b/4), local
-    group c % (b/4)."""
+    group c % (b/4). ``scratch`` (Gamma's shape) takes |Gamma|: a fresh 24 MB temporary costs 4x the
+    abs itself on CPU (page faults)."""
     K, n1, d_out, _ = Gamma.shape
     n0, g = d_out // b, b // 4
     # Three adds of strided columns: on CPU sum(-1) over a size-4 axis is 2.4x slower, a matvec with
     # ones(4) 1.4x, vector_norm(ord=1) 100x.
-    x = Gamma.abs().view(-1, 4)
+    x = torch.abs(Gamma, out=scratch).view(-1, 4) if scratch is not None else Gamma.abs().view(-1, 4)
     sc = (x[:, 0] + x[:, 1]).add_(x[:, 2]).add_(x[:, 3]).view(K, n1, n0, b * g)
     return sc.transpose(1, 2).contiguous()
 
 
-def select(scores: torch.Tensor, rand: torch.Tensor, selection: str):
+def selection_table(scores: torch.Tensor, selection: str) -> dict:
+    """What ``select`` needs of the scores, once per iteration (the rounds of an iteration share them)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}")
+    table = {"C": scores.shape[-1], "K": scores.shape[0]}
+    if selection == "uniform":
+        return table
+    total = scores.sum(-1)
+    table["degenerate"] = ~(torch.isfinite(total) & (total > 0))
+    if selection == "gradient-greedy":
+        table["greedy"] = torch.argmax(torch.nan_to_num(scores, nan=0.0), dim=-1)
+    else:
+        table["cs"] = torch.cumsum(scores, dim=-1)
+    return table
+
+
+def select(scores: torch.Tensor | None, rand: torch.Tensor, selection: str, table: dict | None = None):
     """One candidate per block pair. rand [K, n0, n1] uniform in [0, 1) (one per pair, per-layer generator).
 
+    ``table`` (from ``selection_table``) replaces ``scores`` when several rounds share one set of scores.
     Returns (candidate [K, n0, n1] long, number of pairs that fell back to uniform [K])."""
-    C = scores.shape[-1]
+    table = selection_table(scores, selection) if table is None else table
+    C = table["C"]
     uniform = (rand * C).long().clamp_(max=C - 1)
     if selection == "uniform":
-        return uniform, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-    total = scores.sum(-1)
-    degenerate = ~(torch.isfinite(total) & (total > 0))
+        return uniform, torch.zeros(table["K"], dtype=torch.long, device=rand.device)
     if selection == "gradient-greedy":
-        pick = torch.argmax(torch.nan_to_num(scores, nan=0.0), dim=-1)
-    elif selection == "gradient-random":
-        cs = torch.cumsum(scores, dim=-1)
-        target = (rand * cs[..., -1])[..., None]
-        pick = torch.searchsorted(cs.contiguous(), target.contiguous(), right=True)[..., 0].clamp_(max=C - 1)
+        pick = table["greedy"]
     else:
-        raise ValueError(f"unknown selection {selection!r}")
+        cs = table["cs"]
+        target = (rand * cs[..., -1])[..., None]
+        pick = torch.searchsorted(cs, target.contiguous(), right=True)[..., 0].clamp_(max=C - 1)
+    degenerate = table["degenerate"]
     pick = torch.where(degenerate, uniform, pick)
     return pick, degenerate.flatten(1).sum(1)
 
@@ -126,15 +144,19 @@ def sparse_core_rounds(st: dict, draw, b: int, rounds: int, selection: str, rese
     gradient entries include the rank-one terms of the earlier rounds. The caches are refreshed once
     at the end (one in-place rank-one pass per round). With rounds = 1 this is ``sparse_core_round`` on
     the sampled groups. Adds uniform_fallbacks [K] to the counts."""
-    scores = group_scores(st["Gamma"], b)
-    Qall = group_grams(st["B"], st["h"], b)  # B does not move between rounds
+    if "scratch" not in st:
+        st["scratch"] = torch.empty_like(st["Gamma"])
+    table = selection_table(group_scores(st["Gamma"], b, st["scratch"]), selection)
+    Qall = group_grams(st["B"], st["h"], b)  # A and B do not move between rounds
+    st["At"] = st["A"].transpose(-1, -2).contiguous()
     terms, total = [], None
     for _ in range(rounds):
-        cand, fallbacks = select(scores, draw(), selection)
+        cand, fallbacks = select(None, draw(), selection, table)
         counts, term = _round(st, cand, b, terms, reset_moments, Qall)
         counts["uniform_fallbacks"] = fallbacks
         terms.append(term)
         total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
+    del st["At"]
     _refresh(st, terms, b)
     return total
 
@@ -175,11 +197,15 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     take = lambda X: X.view(-1, 4).index_select(0, gidx).view(shape4)  # noqa: E731
     put = lambda X, v: X.view(-1, 4).index_copy_(0, gidx, v.reshape(-1, 4))  # noqa: E731
     s_old, gam = take(S), take(st["Gamma"])
-    pick4 = gg[..., None, None].expand(K, n0, n1, 1, 4)
-    for _a, _w, Ata_r, wB_r in earlier:  # Gamma change of an earlier round: (A_p^T a_r)[i] (w_r B_q^T)[group]
-        gam = gam + Ata_r.gather(-1, ii[..., None]) * wB_r.view(K, n0, n1, g4, 4).gather(-2, pick4)[..., 0, :]
-    # column i_loc of A_p: row i_loc of A_p^T
-    a = A.transpose(-1, -2).reshape(-1, b).index_select(0, ((kk * n0 + pp) * b + ii).reshape(-1)).view(K, n0, n1, b)
+    if earlier:  # Gamma change of an earlier round: (A_p^T a_r)[i] (w_r B_q^T)[group], by flat indices
+        pair = torch.arange(K * n0 * n1, device=dev)
+        ia, iw = pair * b + ii.reshape(-1), pair * g4 + gg.reshape(-1)
+        for _a, _w, Ata_r, wB_r in earlier:
+            gam = gam + (Ata_r.view(-1).index_select(0, ia)[:, None]
+                         * wB_r.view(-1, 4).index_select(0, iw)).view(shape4)
+    # column i_loc of A_p: row i_loc of A_p^T (transposed once per iteration: A does not move between rounds)
+    At = st["At"] if "At" in st else A.transpose(-1, -2).contiguous()
+    a = At.view(-1, b).index_select(0, ((kk * n0 + pp) * b + ii).reshape(-1)).view(K, n0, n1, b)
     bidx = ((kk * n1 + qq) * g4 + gg).reshape(-1)  # (layer, input block, group): row of B.view(-1, 4 b)
     Bg = B.reshape(-1, 4 * b).index_select(0, bidx).view(K, n0, n1, 4, b)  # rows of B_q in the group
     Q = Qall.reshape(-1, 16).index_select(0, bidx).view(K, n0, n1, 4, 4)
@@ -207,7 +233,7 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     Tb.index_copy_(0, tidx, Tb.index_select(0, tidx).add_(dTrow.reshape(-1, b)))
     w = dTrow * st["hz"].view(K, 1, n1, b)  # change of row i of the residual tile, times (2/Z) h
     Ata = torch.matmul(a, A)  # A_p^T a, as the row vector a^T A_p (one bmm over (layer, output block))
-    wB = torch.einsum("kpqj,kqmj->kpqm", w, B)  # w B_q^T
+    wB = torch.einsum("kpqj,kqmj->kpqm", w, B).contiguous()  # w B_q^T
     counts = {"failed_solves": failed.flatten(1).sum(1), "mask_changes": changed.flatten(1).sum(1),
               "dloss": dphi.flatten(1).sum(1) / Z.double()}
     return counts, (a, w, Ata, wB)
