@@ -124,7 +124,7 @@ def time_interleaved(Ws, hs, cpu: SolverConfig, iters: int, preset: SolverConfig
     step so all see the same load from other processes. Ours runs solver.armor.bcd_iteration on one
     batch of the size solve_layers uses for this shape (the per-layer cost is the batch's / K)."""
     d_out, d_in = Ws[0].shape
-    K = max(1, min(len(Ws), cpu.max_batch, armor.BATCH_ELEMS // (d_out * d_in)))
+    K = len(armor.batches(list(range(len(Ws))), min(cpu.max_batch, armor.BATCH_ELEMS // (d_out * d_in)))[0])
     starts = [armor.prepare(f"l{i}", W, h, cpu.block_size) for i, (W, h) in enumerate(zip(Ws[:K], hs[:K]))]
     st = armor._init_batch(starts, cpu, torch.device("cpu"))
     gens = [torch.Generator().manual_seed(cpu.seed) for _ in range(K)]

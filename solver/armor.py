@@ -34,9 +34,13 @@ from solver.stats import repair_h
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 PARAMS = ("A", "B", "V")
-# Largest batched [K, d_out, d_in] tensor, in elements (24 MB fp32). Beyond glibc's 32 MB mmap ceiling
-# every temporary is a fresh mmap whose page faults cost more than the arithmetic (measured 4x).
-BATCH_ELEMS = 6 * 2**20
+# Largest batched [K, d_out, d_in] tensor, in elements (48 MB fp32). Every full-size tensor of a batch is
+# allocated once (outputs are written in place, |Gamma| goes to a kept scratch buffer); the temporaries of
+# an iteration are at most a quarter of this, below glibc's 32 MB mmap ceiling, past which every temporary
+# is a fresh mmap whose page faults cost more than the arithmetic (measured 4x). Twice the 24 MB of the
+# first version: the sparse-core rounds cost little more per batch for twice the layers (8-10 % per layer
+# on SmolLM2's shapes, benchmarks/RESULTS_solver.md).
+BATCH_ELEMS = 12 * 2**20
 # The best iterate is copied at most this often (a copy of S is a full pass over the layer); the
 # last iterate is always a candidate, so the returned loss is min over checkpoints and the end.
 CHECKPOINT_EVERY = 10
@@ -238,6 +242,15 @@ def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig
     return LayerResult(fact, report)
 
 
+def batches(items: list, most: int) -> list[list]:
+    """Consecutive batches of at most ``most`` items (at least 1), as even in size as possible:
+    60 layers at most 18 give 15, 15, 15, 15, not 18, 18, 18, 6 (a small last batch is the dearest per layer)."""
+    n = len(items)
+    count = -(-n // max(1, most)) if n else 0
+    cuts = [round(i * n / count) for i in range(count + 1)] if count else [0]
+    return [items[cuts[i]:cuts[i + 1]] for i in range(count)]
+
+
 def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
     """Solve every problem (``solver.methods.Problem``); same-shaped problems share batches."""
     dev = torch.device(cfg.device)
@@ -252,9 +265,7 @@ def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
         groups.setdefault(tuple(p.W.shape), []).append(i)
     results: list[LayerResult | None] = [None] * len(problems)
     for shape, idx in groups.items():
-        size = max(1, min(cfg.max_batch, BATCH_ELEMS // (shape[0] * shape[1])))
-        for c0 in range(0, len(idx), size):
-            chunk = idx[c0:c0 + size]
+        for chunk in batches(idx, min(cfg.max_batch, BATCH_ELEMS // (shape[0] * shape[1]))):
             t0 = time.perf_counter()
             raws = _solve_chunk([problems[i].name for i in chunk], [starts[i] for i in chunk], cfg, dev)
             if dev.type == "cuda":
