@@ -1,9 +1,9 @@
 """The ARMOR solver: NoWag-P start, then block coordinate descent (armor-algorithm.md sections 3-5).
 
-``solve_layers(problems, cfg)`` groups the problems by shape and solves each group as one batch
-(chunks of at most ``cfg.max_batch`` layers and BATCH_ELEMS elements): every iteration is one Adam step on (A, B, V) with analytic
-gradients, then one exact sparse-core round (solver.core_step). Differences from the official code,
-all deliberate (section 5 and 11 of the spec):
+``solve_layers(problems, cfg)`` groups the problems by shape and solves each group in batches (at most
+``cfg.max_batch`` layers and BATCH_ELEMS elements, of even size): every iteration is one Adam step on (A, B, V)
+with analytic gradients, then ``cfg.sparse_rounds`` exact sparse-core rounds (solver.core_step). Differences from
+the official code, all deliberate (section 5 and 11 of the spec):
 - the selection gradient is taken with respect to S only and, like the loss, comes from cached
   products that the sparse-core round refreshes by rank-one terms: 6 block-diagonal products per
   iteration instead of 16, same trajectory up to fp32 rounding;
@@ -155,7 +155,6 @@ def _select_rows(st: dict, keep: torch.Tensor) -> dict:
 
 def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[dict]:
     """Run BCD on same-shaped layers together; return per-layer raw outcomes (CPU tensors)."""
-    b = cfg.block_size
     K = len(starts)
     st = _init_batch(starts, cfg, dev)
     gens = [torch.Generator(device=dev).manual_seed(cfg.seed) for _ in range(K)]
