@@ -68,16 +68,15 @@ def solve_patterns(Q: torch.Tensor, u: torch.Tensor, a2: torch.Tensor, s_old: to
     s_new = pick(s0) * first.index_select(0, best) + pick(s1) * second.index_select(0, best)
     s_new = torch.where(accept[:, None], s_new, s_old)
     dphi = torch.where(accept, phi_best - phi_old, torch.zeros_like(phi_old))
-    out = (s_new.view(*lead, 4), best.view(lead), accept.view(lead), failed.view(lead), dphi.view(lead))
-    return out
+    return s_new.view(*lead, 4), best.view(lead), accept.view(lead), failed.view(lead), dphi.view(lead)
 
 
 def group_scores(Gamma: torch.Tensor, b: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """[K, n0, n1, b*b/4]: L1 norm of Gamma (column layout [K, n1, d_out, b]) over each group.
 
     Candidates of a block pair are last: candidate c of pair (p, q) is local row c // (b/4), local
-    group c % (b/4). ``scratch`` (Gamma's shape) takes |Gamma|: a fresh 24 MB temporary costs 4x the
-    abs itself on CPU (page faults)."""
+    group c % (b/4). ``scratch`` (Gamma's shape) takes |Gamma|: a fresh full-size temporary costs
+    4x the abs itself on CPU (page faults)."""
     K, n1, d_out, _ = Gamma.shape
     n0, g = d_out // b, b // 4
     # Three adds of strided columns: on CPU sum(-1) over a size-4 axis is 2.4x slower, a matvec with
