@@ -182,8 +182,7 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     cheaper on CPU than multi-dimensional advanced indexing."""
     A, B, S, Z = st["A"], st["B"], st["S"], st["Z"]
     K, n1, d_out, _ = S.shape
-    d_in = n1 * b
-    n0, n1, g4 = d_out // b, d_in // b, b // 4
+    n0, g4 = d_out // b, b // 4
     dev = S.device
     ii, gg = cand // g4, cand % g4  # [K, n0, n1]: local row and local group of each pair's pick
     kk = torch.arange(K, device=dev)[:, None, None]
