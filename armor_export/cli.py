@@ -49,6 +49,12 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                    help="exact sparse-core rounds per ARMOR iteration (overrides the preset)")
     g.add_argument("--selection", choices=SELECTIONS, default=None, help="sparse-core group selection rule")
     g.add_argument("--patience", type=int, default=None, help="early-stop patience in iterations (default 100)")
+    g.add_argument("--objective", choices=("diag", "block-hessian", "block-output"), default=None,
+                   help="ARMOR proxy: diag (the paper's, default); block-hessian (also the input correlations "
+                        "inside each b x b block); block-output (the layer's output error with H kept "
+                        "block-diagonal). The block ones need full calibration statistics")
+    g.add_argument("--hessian-damp", type=float, default=None,
+                   help="block-hessian: damping added to each H block, relative to mean(diag H) (default 0.01)")
     g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
@@ -114,7 +120,8 @@ def solver_config(a):
     d = dict(PRESETS[a.preset], method=a.method, seed=a.seed, device=a.device)
     for flag, key in (("block_size", "block_size"), ("iterations", "iterations"), ("lr", "lr"),
                       ("selection", "selection"), ("patience", "patience"),
-                      ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule")):
+                      ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule"),
+                      ("objective", "objective"), ("hessian_damp", "hessian_damp")):
         if getattr(a, flag) is not None:
             d[key] = getattr(a, flag)
     return SolverConfig(**d)

@@ -28,7 +28,7 @@ from armor_export.resume import LayerStore, model_fingerprint
 from armor_export.shard import DistContext, assign, chunks, layer_cost
 from solver.blockdiag import check_block_size
 from solver.config import SolverConfig
-from solver.methods import Problem, get_method, solve
+from solver.methods import Problem, get_method, solve, stats_needed
 from solver.sparsity import check_24_shape
 from solver.stats import LayerStats
 
@@ -162,7 +162,7 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
     from engines.torch_module import ArmorLinear, set_submodule
 
     fam, out = loaded.family, {}
-    full = get_method(solver_cfg.method).needs == "full"
+    full = stats_needed(solver_cfg) == "full"
 
     def prune_block(i: int, block: nn.Module, bstats: dict[str, LayerStats]) -> None:
         prefix = f"{fam.layers_path}.{i}."
@@ -242,7 +242,8 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
         raise ValueError("no linear layer left to prune (every target matched --ignore)")
     check_targets(model, names, solver_cfg, None if loaded.lazy is None else (lambda n: weight_of(loaded, n)))
     method = get_method(solver_cfg.method)
-    tokens = None if method.needs == "none" else calibration_windows(loaded.tokenizer, calib)
+    needs = stats_needed(solver_cfg)
+    tokens = None if needs == "none" else calibration_windows(loaded.tokenizer, calib)
     store = None
     if resume or dist.world > 1:  # ranks exchange finished layers through the store
         store = LayerStore(out, run_settings(loaded, names, solver_cfg, calib, tokens))
@@ -261,12 +262,12 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
     mine = assign(costs, dist.world)[dist.rank]
     calib_seconds = 0.0
     t_cal = time.perf_counter()
-    if method.needs == "none":
+    if needs == "none":
         layers = solve_dense(loaded, mine, None, solver_cfg, store, progress=progress)
     elif calib.mode == "sequential":
         layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
-        stats = collect_stats(loaded, mine, tokens, full=method.needs == "full",
+        stats = collect_stats(loaded, mine, tokens, full=needs == "full",
                               batch_size=calib.batch_size, progress=progress)
         calib_seconds = time.perf_counter() - t_cal
         layers = solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress)

@@ -22,6 +22,7 @@ import torch
 from torch.optim.adam import adam
 
 from solver import bcd_objective as obj
+from solver import block_hessian as bh
 from solver.baselines import nowag_score
 from solver.blockdiag import check_block_size, identity_blocks
 from solver.config import SolverConfig
@@ -46,8 +47,12 @@ BATCH_ELEMS = 12 * 2**20
 CHECKPOINT_EVERY = 10
 
 
-def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
-    """Validate one layer and build its NoWag-P start (unbatched, fp32, on W's device)."""
+def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int, H: torch.Tensor | None = None,
+            hessian_damp: float = 0.01, objective: str = "block-hessian") -> dict:
+    """Validate one layer and build its NoWag-P start (unbatched, fp32, on W's device).
+
+    With H (a block-Hessian ``objective``), the solver's target and wrappers are W' = diag(rho) W_bar C,
+    A' = diag(rho), B' = C (solver.block_hessian) and its h is all ones; the mask is NoWag-P's from h."""
     if W.dim() != 2:
         raise ValueError(f"{name}: weight must be 2-D, got shape {tuple(W.shape)}")
     W = W.float()
@@ -65,7 +70,13 @@ def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int) -> dict:
     M = mask_24(nowag_score(W, h))
     S = torch.where(M, W_bar, torch.zeros((), device=W.device))
     A0, B0 = identity_blocks(d_out // b, b, device=W.device), identity_blocks(d_in // b, b, device=W.device)
-    return {"W_bar": W_bar, "h": h, "r": r, "c": c, "M": M, "S": S, "A": A0, "B": B0, "h_replaced": n_rep}
+    start = {"W_bar": W_bar, "h": h, "r": r, "c": c, "M": M, "S": S, "A": A0, "B": B0, "h_replaced": n_rep,
+             "C": None, "rho": None, "spec_W_bar": W_bar, "spec_h": h}
+    if H is not None:
+        rho, C = bh.metric(W_bar, r, c, H.float().to(W.device), b, hessian_damp, objective, name)
+        Wm = bh.to_metric(W_bar if rho is None else W_bar * rho[:, None], C)
+        start.update(W_bar=Wm, A=bh.rows_in(A0, rho), B=C.clone(), h=torch.ones_like(h), C=C, rho=rho)
+    return start
 
 
 def _init_batch(starts: list[dict], cfg: SolverConfig, dev: torch.device) -> dict:
@@ -214,13 +225,23 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
 
 def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig) -> LayerResult:
     """Choose between the best iterate and the start, fold the normaliser, build the report."""
-    W_bar, h = start["W_bar"].cpu(), start["h"].cpu()
+    W_bar, h, C = start["W_bar"].cpu(), start["h"].cpu(), start["C"]
     A0, S0, B0 = start["A"].cpu(), start["S"].cpu(), start["B"].cpu()
-    loss_start = obj.exact_loss(W_bar, A0, S0, B0, h)
     A, S, B = raw["A"], raw["S"], raw["B"]
+
+    def loss(Ax, Sx, Bx):  # the solved objective of stored factors (A, B out of the metric), fp64
+        if C is None:
+            return obj.exact_loss(W_bar, Ax, Sx, Bx, h)
+        return obj.exact_loss(W_bar, bh.rows_in(Ax.double(), rho), Sx, bh.in_metric(Bx, C), h)
+
+    if C is not None:  # back from the metric A' = diag(rho) A, B' = B C: the start is A = B = I
+        C, rho = C.cpu(), None if start["rho"] is None else start["rho"].cpu()
+        A0, B0 = identity_blocks(*A0.shape[:2]), identity_blocks(*B0.shape[:2])
+        A, B = bh.rows_out(A, rho), bh.from_metric(B, C)
+    loss_start = loss(A0, S0, B0)
     status, note = "ok", None
     finite = all(bool(torch.isfinite(x).all()) for x in (A, S, B))
-    loss_final = obj.exact_loss(W_bar, A, S, B, h) if finite else float("nan")
+    loss_final = loss(A, S, B) if finite else float("nan")
     if raw["nonfinite"] or not finite or not loss_final == loss_final:
         status, note = "fallback", "non-finite values during the solve; returned the NoWag-P start"
     elif loss_final > loss_start:
@@ -233,7 +254,11 @@ def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig
     fact = Factorization(positive_zeros(S), A_f.contiguous(), B_f.contiguous()).validated(name)
     notes = {k: int(raw[k]) for k in ("failed_solves", "mask_changes", "uniform_fallbacks", "best_iteration")}
     notes.update(h_replaced=int(start["h_replaced"]), block_size=cfg.block_size, selection=cfg.selection,
-                 continuous=cfg.continuous, device=cfg.device)
+                 continuous=cfg.continuous, device=cfg.device, objective=cfg.objective)
+    if C is not None:  # the specified (diagonal) proxy of the same factors, for comparison with other methods
+        spec = (start["spec_W_bar"].cpu(), start["spec_h"].cpu())
+        notes.update(diag_loss_start=obj.exact_loss(spec[0], A0, S0, B0, spec[1]),
+                     diag_loss_final=obj.exact_loss(spec[0], A, S, B, spec[1]))
     if note:
         notes["message"] = note
     report = SolveReport(loss_start, loss_final, int(raw["iterations"]), seconds, bool(raw["early_stopped"]),
@@ -258,7 +283,13 @@ def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
     for p in problems:
         if p.stats is None:
             raise ValueError(f"{p.name}: ARMOR needs calibration statistics (h)")
-        starts.append(prepare(p.name, p.W.to(dev), p.stats.h, b))
+        H = None
+        if cfg.objective != "diag":
+            if p.stats.H is None:
+                raise ValueError(f"{p.name}: --objective {cfg.objective} needs the full input Hessian "
+                                 f"(calibrate with full statistics)")
+            H = p.stats.H
+        starts.append(prepare(p.name, p.W.to(dev), p.stats.h, b, H, cfg.hessian_damp, cfg.objective))
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
         groups.setdefault(tuple(p.W.shape), []).append(i)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 SELECTIONS = ("gradient-random", "gradient-greedy", "uniform")
 CONTINUOUS = ("adam", "none")
 LR_SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("diag", "block-hessian", "block-output")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class SolverConfig:
     sparsegpt_damp: float = 0.01
     device: str = "cpu"
     max_batch: int = 64  # ARMOR: at most this many same-shaped layers solved together (1 = one by one)
+    # ARMOR's proxy: "diag" is the specified one (sum h_j E_ij^2); "block-hessian" also weighs the error by the
+    # off-diagonal input Hessian inside each of B's b x b blocks; "block-output" is the layer's output error with
+    # H kept block-diagonal (no normaliser down-weighting). Both need full H (solver/block_hessian.py).
+    objective: str = "diag"
+    hessian_damp: float = 0.01  # block-hessian: added to every H block's diagonal, relative to mean(diag H)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:
@@ -55,6 +61,10 @@ class SolverConfig:
             raise ValueError(f"sparsegpt_block must be a positive multiple of 4, got {self.sparsegpt_block}")
         if not self.sparsegpt_damp >= 0:
             raise ValueError(f"sparsegpt_damp must be >= 0, got {self.sparsegpt_damp}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.hessian_damp > 0:
+            raise ValueError(f"hessian_damp must be > 0, got {self.hessian_damp}")
         if self.max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
 

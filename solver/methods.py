@@ -7,6 +7,7 @@ factors, so methods are comparable on one scale.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -85,11 +86,20 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
+def stats_needed(cfg: SolverConfig) -> str:
+    """"none" | "diag" | "full": the calibration statistics cfg's method needs with cfg's settings."""
+    needs = get_method(cfg.method).needs
+    if cfg.method == "armor" and cfg.objective != "diag":
+        return "full"
+    return needs
+
+
 def solve(method: str, problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
     m = get_method(method)
+    needs = stats_needed(dataclasses.replace(cfg, method=method))
     for p in problems:
-        if m.needs != "none" and p.stats is None:
+        if needs != "none" and p.stats is None:
             raise ValueError(f"{p.name}: method {method!r} needs calibration statistics")
-        if m.needs == "full" and p.stats.H is None:
+        if needs == "full" and p.stats.H is None:
             raise ValueError(f"{p.name}: method {method!r} needs the full input Hessian (calibrate with full stats)")
     return m.run(problems, cfg)

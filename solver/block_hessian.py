@@ -1,0 +1,91 @@
+"""The block-Hessian proxy: ARMOR's loss with the input Hessian kept inside each of B's b x b blocks.
+
+The specified proxy (armor-algorithm.md section 2.2) weighs the normalised error E = W_bar - A S B by diag(H):
+L = sum_ij h_j E_ij^2 / Z. This variant keeps, for every input block q, the whole b x b block H_qq of the
+layer Hessian H = 2 X^T X / N (its diagonal is h, so the variant adds exactly the within-block channel
+correlations):
+
+    L_blk = sum_q tr(E_q H_qq E_q^T) / sum_q tr(W_bar_q H_qq W_bar_q^T).
+
+With H_qq + damp I = C_q C_q^T (Cholesky, block-diagonal C), E_q H_qq E_q^T = |E_q C_q|_F^2, and
+E C = W_bar C - A S (B C). So the variant is the specified proxy with unit h, target W' = W_bar C and input
+wrapper B' = B C: the same solver, the same exact 2:4 group solves (each tile still depends only on A_p, B'_q
+and its core tile), started from B' = C (that is B = I, the NoWag-P start) and mapped back by B = B' C^-1.
+
+"block-output" drops the normaliser's down-weighting of loud rows and columns as well (armor-algorithm.md
+section 2.2: in the original space the specified loss divides by r_i^2 c_j^2), so it is the layer's output
+error with H kept block-diagonal: sum_q |(W - W_hat)_q C_q|^2 = |diag(r) (W_bar - A S B) diag(c) C|^2.
+The rows go into the output wrapper the same way: A' = diag(r) A (still block-diagonal), and the metric of
+the input side is the Cholesky factor of the blocks of diag(c) H diag(c).
+Pure functions; fp32 in, the Cholesky and the inverse in fp64.
+"""
+from __future__ import annotations
+
+import torch
+
+from solver.blockdiag import right_mul
+
+
+def hessian_factor(H: torch.Tensor, b: int, damp: float, name: str = "layer") -> torch.Tensor:
+    """C [n1, b, b] lower-triangular with C_q C_q^T = H_qq / mean(diag H) + damp I (fp32).
+
+    Raises naming the layer when H is not a finite [d_in, d_in] matrix or a block is not positive definite."""
+    d_in = H.shape[-1]
+    if H.shape != (d_in, d_in) or d_in % b:
+        raise ValueError(f"{name}: the input Hessian has shape {tuple(H.shape)}; expected square with a side "
+                         f"divisible by the block size {b}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(f"{name}: the input Hessian has non-finite entries; recalibrate (the activations "
+                         f"overflowed) or use --objective diag")
+    n1 = d_in // b
+    H64 = H.double()
+    scale = H64.diagonal().mean()
+    if not float(scale) > 0:
+        raise ValueError(f"{name}: the input Hessian is zero (the calibration data never reached this layer) or "
+                         f"not a Hessian (negative diagonal)")
+    blocks = H64.view(n1, b, n1, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1) / scale  # [n1, b, b]
+    blocks = 0.5 * (blocks + blocks.transpose(1, 2)) + damp * torch.eye(b, dtype=torch.float64, device=H.device)
+    C, info = torch.linalg.cholesky_ex(blocks)
+    bad = (info != 0).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(f"{name}: input-Hessian block(s) {bad[:5]} are not positive definite even with damping "
+                         f"{damp}; raise --hessian-damp or use --objective diag")
+    return C.float()
+
+
+def to_metric(W_bar: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """W' = W_bar C (C block-diagonal over the input columns)."""
+    return right_mul(W_bar, C)
+
+
+def from_metric(B_prime: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """B = B' C^-1, block by block (fp64 triangular solve, returned in B_prime's dtype)."""
+    B = torch.linalg.solve_triangular(C.double(), B_prime.double(), upper=False, left=False)
+    return B.to(B_prime.dtype)
+
+
+def in_metric(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """B' = B C in fp64 (for the exact fp64 loss of stored factors)."""
+    return torch.matmul(B.double(), C.double())
+
+
+def metric(W_bar: torch.Tensor, r: torch.Tensor, c: torch.Tensor, H: torch.Tensor, b: int, damp: float,
+           objective: str, name: str = "layer") -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(row weights rho [d_out] or None, input metric C [n1, b, b]) of ``objective`` for one layer:
+    the solver then works on W' = diag(rho) W_bar C, A' = diag(rho) A, B' = B C, with unit h."""
+    if objective == "block-hessian":
+        return None, hessian_factor(H, b, damp, name)
+    if objective == "block-output":
+        Hc = H.float() * c[:, None] * c[None, :]
+        return r.float(), hessian_factor(Hc, b, damp, name)
+    raise ValueError(f"{name}: no Hessian metric for objective {objective!r}")
+
+
+def rows_in(A: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+    """A' = diag(rho) A for A [n0, b, b] (rows of every block scaled); A itself when rho is None."""
+    return A if rho is None else A * rho.view(A.shape[0], A.shape[1], 1).to(A.dtype)
+
+
+def rows_out(A_prime: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+    """A = diag(rho)^-1 A' (the inverse of rows_in)."""
+    return A_prime if rho is None else A_prime / rho.view(A_prime.shape[0], A_prime.shape[1], 1).to(A_prime.dtype)
