@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from armor_export.adapters import Family
-from solver.stats import DiagAccumulator, HessianAccumulator, LayerStats
+from solver.stats import LayerStats, accumulator
 
 MODES = ("dense", "sequential")
 
@@ -75,13 +75,15 @@ def _kwargs_for(kwargs: dict, h: torch.Tensor) -> dict:
 
 
 def block_stats(block: nn.Module, family: Family, hiddens: list[torch.Tensor], kwargs: dict, *,
-                full: bool, run: bool = True) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
-    """Statistics for every target linear of one block (local names) and the block's outputs."""
+                full: bool, hessian_block: int | None = None, run: bool = True
+                ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+    """Statistics for every target linear of one block (local names) and the block's outputs: h, plus the
+    full H (``full``) or only its ``hessian_block`` x ``hessian_block`` diagonal blocks."""
     accs, handles = {}, []
     for group in family.shared_inputs:
         lin = block.get_submodule(group[0])
         d_in = lin.in_features
-        acc = HessianAccumulator(d_in) if full else DiagAccumulator(d_in)
+        acc = accumulator(d_in, full=full, hessian_block=hessian_block)
         for name in group:
             accs[name] = acc
         handles.append(lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
@@ -92,13 +94,13 @@ def block_stats(block: nn.Module, family: Family, hiddens: list[torch.Tensor], k
             h.remove()
     stats = {}
     for name, acc in accs.items():
-        H = acc.H if full else None
-        stats[name] = LayerStats(h=acc.h, n_tokens=acc.n, H=H, dropped_tokens=acc.dropped)
+        stats[name] = LayerStats(h=acc.h, n_tokens=acc.n, H=getattr(acc, "H", None), dropped_tokens=acc.dropped,
+                                 H_blocks=getattr(acc, "H_blocks", None))
     return stats, outs
 
 
 def iterate_blocks(model: nn.Module, family: Family, token_ids: torch.Tensor, *, full: bool, mode: str,
-                   batch_size: int = 8,
+                   batch_size: int = 8, hessian_block: int | None = None,
                    prune_block: Callable[[int, nn.Module, dict[str, LayerStats]], None] | None = None,
                    progress: bool = True) -> Iterator[tuple[int, dict[str, LayerStats]]]:
     """Yield (block index, {local linear name: LayerStats}) for every decoder block.
@@ -113,7 +115,7 @@ def iterate_blocks(model: nn.Module, family: Family, token_ids: torch.Tensor, *,
     hiddens, kwargs = block_inputs(model, family, token_ids, batch_size)
     for i in tqdm(range(len(layers)), desc=f"calibrate ({mode})", disable=not progress):
         block = layers[i]
-        stats, outs = block_stats(block, family, hiddens, kwargs, full=full)
+        stats, outs = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block)
         yield i, stats
         if mode == "sequential":
             prune_block(i, block, stats)

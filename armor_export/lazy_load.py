@@ -140,7 +140,7 @@ def materialize(block: nn.Module, ckpt: Checkpoint, prefix: str) -> nn.Module:
 
 
 def iterate_blocks_lazy(model: nn.Module, ckpt: Checkpoint, family: Family, token_ids: torch.Tensor, *,
-                        full: bool, batch_size: int = 8, last: int | None = None,
+                        full: bool, batch_size: int = 8, last: int | None = None, hessian_block: int | None = None,
                         progress: bool = True) -> Iterator[tuple[int, dict[str, LayerStats]]]:
     """Like ``capture.iterate_blocks`` in dense mode, holding one decoder layer at a time.
     ``last``: stop after this block (nothing later is needed)."""
@@ -150,7 +150,7 @@ def iterate_blocks_lazy(model: nn.Module, ckpt: Checkpoint, family: Family, toke
     for i in tqdm(range(n), desc="calibrate (layer by layer)", disable=not progress):
         block = materialize(layers[i], ckpt, f"{family.layers_path}.{i}.")
         try:
-            stats, hiddens = block_stats(block, family, hiddens, kwargs, full=full)
+            stats, hiddens = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block)
         finally:
             block.to("meta")
         yield i, stats

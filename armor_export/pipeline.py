@@ -98,8 +98,9 @@ def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig, 
 
 
 def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, full: bool, batch_size: int = 8,
-                  progress: bool = True) -> dict[str, LayerStats]:
-    """Dense one-pass statistics for every target (the paper's calibration)."""
+                  progress: bool = True, hessian_block: int | None = None) -> dict[str, LayerStats]:
+    """Dense one-pass statistics for every target (the paper's calibration): h, and the full H (``full``) or
+    its ``hessian_block``-wide diagonal blocks."""
     wanted, stats = set(names), {}
     if not names:
         return stats
@@ -108,10 +109,11 @@ def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, ful
         from armor_export.lazy_load import iterate_blocks_lazy
 
         blocks = iterate_blocks_lazy(loaded.model, loaded.lazy, loaded.family, tokens.token_ids, full=full,
-                                     batch_size=batch_size, last=last, progress=progress)
+                                     batch_size=batch_size, last=last, progress=progress,
+                                     hessian_block=hessian_block)
     else:
         blocks = iterate_blocks(loaded.model, loaded.family, tokens.token_ids, full=full, mode="dense",
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, hessian_block=hessian_block)
     for i, bstats in blocks:
         for local, st in bstats.items():
             fqn = f"{loaded.family.layers_path}.{i}.{local}"
@@ -162,7 +164,8 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
     from engines.torch_module import ArmorLinear, set_submodule
 
     fam, out = loaded.family, {}
-    full = stats_needed(solver_cfg) == "full"
+    needs = stats_needed(solver_cfg)
+    full, hb = needs == "full", solver_cfg.block_size if needs == "blocks" else None
 
     def prune_block(i: int, block: nn.Module, bstats: dict[str, LayerStats]) -> None:
         prefix = f"{fam.layers_path}.{i}."
@@ -175,7 +178,8 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
                                                               lf.factors.B_blocks, lf.bias))
 
     for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, full=full, mode="sequential",
-                            batch_size=calib.batch_size, prune_block=prune_block, progress=progress):
+                            batch_size=calib.batch_size, prune_block=prune_block, progress=progress,
+                            hessian_block=hb):
         pass
     return out
 
@@ -267,8 +271,8 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
     elif calib.mode == "sequential":
         layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
-        stats = collect_stats(loaded, mine, tokens, full=needs == "full",
-                              batch_size=calib.batch_size, progress=progress)
+        stats = collect_stats(loaded, mine, tokens, full=needs == "full", batch_size=calib.batch_size,
+                              progress=progress, hessian_block=solver_cfg.block_size if needs == "blocks" else None)
         calib_seconds = time.perf_counter() - t_cal
         layers = solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress)
     solve_seconds = time.perf_counter() - t_cal - calib_seconds

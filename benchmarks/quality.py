@@ -133,7 +133,7 @@ class Bench:
             self.load_previous(Path(prev), args.reuse_methods.split(","))
         planned = (args.main_methods.split(",") if "main" in args.parts else []) + (
             ["sparsegpt"] if "modelopt" in args.parts else [])
-        self.want_full = any(stats_needed(SolverConfig(method=m, objective=args.objective)) == "full"
+        self.want_full = any(stats_needed(SolverConfig(method=m, objective=args.objective)) in ("full", "blocks")
                              and not self.has(m) for m in planned)
 
     @staticmethod
@@ -207,7 +207,7 @@ class Bench:
         cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
                            objective=objective if method == "armor" else "diag",
                            **({} if damp is None else {"sparsegpt_damp": damp}))
-        stats = self.get_stats(stats_needed(cfg) == "full") if mode == "dense" else None
+        stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
         if mode == "dense":
             layers = pipeline.solve_dense(self.loaded, self.names, stats, cfg)

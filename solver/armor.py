@@ -47,11 +47,11 @@ BATCH_ELEMS = 12 * 2**20
 CHECKPOINT_EVERY = 10
 
 
-def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int, H: torch.Tensor | None = None,
+def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int, H_blocks: torch.Tensor | None = None,
             hessian_damp: float = 0.01, objective: str = "block-hessian") -> dict:
     """Validate one layer and build its NoWag-P start (unbatched, fp32, on W's device).
 
-    With H (a block-Hessian ``objective``), the solver's target and wrappers are W' = diag(rho) W_bar C,
+    With H's diagonal blocks [d_in/b, b, b] (a block-Hessian ``objective``), the solver's target and wrappers are W' = diag(rho) W_bar C,
     A' = diag(rho), B' = C (solver.block_hessian) and its h is all ones; the mask is NoWag-P's from h."""
     if W.dim() != 2:
         raise ValueError(f"{name}: weight must be 2-D, got shape {tuple(W.shape)}")
@@ -72,8 +72,8 @@ def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int, H: torch.Tensor
     A0, B0 = identity_blocks(d_out // b, b, device=W.device), identity_blocks(d_in // b, b, device=W.device)
     start = {"W_bar": W_bar, "h": h, "r": r, "c": c, "M": M, "S": S, "A": A0, "B": B0, "h_replaced": n_rep,
              "C": None, "rho": None, "spec_W_bar": W_bar, "spec_h": h}
-    if H is not None:
-        rho, C = bh.metric(W_bar, r, c, H.float().to(W.device), b, hessian_damp, objective, name)
+    if H_blocks is not None:
+        rho, C = bh.metric(W_bar, r, c, H_blocks.float().to(W.device), b, hessian_damp, objective, name)
         Wm = bh.to_metric(W_bar if rho is None else W_bar * rho[:, None], C)
         start.update(W_bar=Wm, A=bh.rows_in(A0, rho), B=C.clone(), h=torch.ones_like(h), C=C, rho=rho)
     return start
@@ -283,13 +283,13 @@ def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
     for p in problems:
         if p.stats is None:
             raise ValueError(f"{p.name}: ARMOR needs calibration statistics (h)")
-        H = None
+        Hb = None
         if cfg.objective != "diag":
-            if p.stats.H is None:
-                raise ValueError(f"{p.name}: --objective {cfg.objective} needs the full input Hessian "
-                                 f"(calibrate with full statistics)")
-            H = p.stats.H
-        starts.append(prepare(p.name, p.W.to(dev), p.stats.h, b, H, cfg.hessian_damp, cfg.objective))
+            Hb = p.stats.hessian_blocks(b)
+            if Hb is None:
+                raise ValueError(f"{p.name}: --objective {cfg.objective} needs the input Hessian's {b}-wide "
+                                 f"diagonal blocks (calibrate with full statistics or this block size)")
+        starts.append(prepare(p.name, p.W.to(dev), p.stats.h, b, Hb, cfg.hessian_damp, cfg.objective))
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
         groups.setdefault(tuple(p.W.shape), []).append(i)

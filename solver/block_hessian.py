@@ -26,25 +26,24 @@ import torch
 from solver.blockdiag import right_mul
 
 
-def hessian_factor(H: torch.Tensor, b: int, damp: float, name: str = "layer") -> torch.Tensor:
-    """C [n1, b, b] lower-triangular with C_q C_q^T = H_qq / mean(diag H) + damp I (fp32).
+def hessian_factor(H_blocks: torch.Tensor, b: int, damp: float, name: str = "layer") -> torch.Tensor:
+    """C [n1, b, b] lower-triangular with C_q C_q^T = H_qq / mean(diag H) + damp I (fp32), from H's diagonal
+    blocks H_blocks [n1, b, b] (``LayerStats.hessian_blocks``).
 
-    Raises naming the layer when H is not a finite [d_in, d_in] matrix or a block is not positive definite."""
-    d_in = H.shape[-1]
-    if H.shape != (d_in, d_in) or d_in % b:
-        raise ValueError(f"{name}: the input Hessian has shape {tuple(H.shape)}; expected square with a side "
-                         f"divisible by the block size {b}")
-    if not bool(torch.isfinite(H).all()):
+    Raises naming the layer when the blocks are not finite or a block is not positive definite."""
+    if H_blocks.dim() != 3 or H_blocks.shape[1:] != (b, b):
+        raise ValueError(f"{name}: the input-Hessian blocks have shape {tuple(H_blocks.shape)}; expected "
+                         f"[d_in/{b}, {b}, {b}]")
+    if not bool(torch.isfinite(H_blocks).all()):
         raise ValueError(f"{name}: the input Hessian has non-finite entries; recalibrate (the activations "
                          f"overflowed) or use --objective diag")
-    n1 = d_in // b
-    H64 = H.double()
-    scale = H64.diagonal().mean()
+    H64 = H_blocks.double()
+    scale = H64.diagonal(dim1=1, dim2=2).mean()
     if not float(scale) > 0:
         raise ValueError(f"{name}: the input Hessian is zero (the calibration data never reached this layer) or "
                          f"not a Hessian (negative diagonal)")
-    blocks = H64.view(n1, b, n1, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1) / scale  # [n1, b, b]
-    blocks = 0.5 * (blocks + blocks.transpose(1, 2)) + damp * torch.eye(b, dtype=torch.float64, device=H.device)
+    blocks = H64 / scale
+    blocks = 0.5 * (blocks + blocks.transpose(1, 2)) + damp * torch.eye(b, dtype=torch.float64, device=H64.device)
     C, info = torch.linalg.cholesky_ex(blocks)
     bad = (info != 0).nonzero()[:, 0].tolist()
     if bad:
@@ -69,15 +68,15 @@ def in_metric(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return torch.matmul(B.double(), C.double())
 
 
-def metric(W_bar: torch.Tensor, r: torch.Tensor, c: torch.Tensor, H: torch.Tensor, b: int, damp: float,
+def metric(W_bar: torch.Tensor, r: torch.Tensor, c: torch.Tensor, H_blocks: torch.Tensor, b: int, damp: float,
            objective: str, name: str = "layer") -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(row weights rho [d_out] or None, input metric C [n1, b, b]) of ``objective`` for one layer:
-    the solver then works on W' = diag(rho) W_bar C, A' = diag(rho) A, B' = B C, with unit h."""
+    """(row weights rho [d_out] or None, input metric C [n1, b, b]) of ``objective`` for one layer, from H's
+    diagonal blocks: the solver then works on W' = diag(rho) W_bar C, A' = diag(rho) A, B' = B C, unit h."""
     if objective == "block-hessian":
-        return None, hessian_factor(H, b, damp, name)
+        return None, hessian_factor(H_blocks, b, damp, name)
     if objective == "block-output":
-        Hc = H.float() * c[:, None] * c[None, :]
-        return r.float(), hessian_factor(Hc, b, damp, name)
+        cb = c.float().view(-1, b)
+        return r.float(), hessian_factor(H_blocks.float() * cb[:, :, None] * cb[:, None, :], b, damp, name)
     raise ValueError(f"{name}: no Hessian metric for objective {objective!r}")
 
 

@@ -87,10 +87,11 @@ def get_method(name: str) -> Method:
 
 
 def stats_needed(cfg: SolverConfig) -> str:
-    """"none" | "diag" | "full": the calibration statistics cfg's method needs with cfg's settings."""
+    """"none" | "diag" | "blocks" | "full": the calibration statistics cfg's method needs with cfg's settings
+    ("blocks": h and H's cfg.block_size-wide diagonal blocks, which the full H also provides)."""
     needs = get_method(cfg.method).needs
     if cfg.method == "armor" and cfg.objective != "diag":
-        return "full"
+        return "blocks"
     return needs
 
 
@@ -100,6 +101,9 @@ def solve(method: str, problems: list[Problem], cfg: SolverConfig) -> list[Layer
     for p in problems:
         if needs != "none" and p.stats is None:
             raise ValueError(f"{p.name}: method {method!r} needs calibration statistics")
+        if needs == "blocks" and p.stats.hessian_blocks(cfg.block_size) is None:
+            raise ValueError(f"{p.name}: objective {cfg.objective!r} needs the input Hessian's {cfg.block_size}-wide "
+                             f"diagonal blocks (calibrate with the same block size, or full statistics)")
         if needs == "full" and p.stats.H is None:
             raise ValueError(f"{p.name}: method {method!r} needs the full input Hessian (calibrate with full stats)")
     return m.run(problems, cfg)

@@ -77,14 +77,60 @@ class HessianAccumulator:
         self.H.mul_(n / (n + m)).addmm_(X.T, X, alpha=2.0 / (n + m))
 
 
+class BlockHessianAccumulator(HessianAccumulator):
+    """Only the b x b diagonal blocks of H = 2 X^T X / N ([d_in/b, b, b]), and h exactly as DiagAccumulator:
+    what the block-Hessian objectives read (solver/block_hessian.py), at b/d_in of the full H's cost and memory."""
+
+    def __init__(self, d_in: int, b: int, device=None):
+        if b <= 0 or d_in % b:
+            raise ValueError(f"Hessian block {b} does not divide the input width {d_in}")
+        self.b = b
+        self.H_blocks = torch.zeros(d_in // b, b, b, dtype=torch.float32, device=device)
+        self._diag = DiagAccumulator(d_in, device)
+
+    @property
+    def H(self) -> None:
+        return None
+
+    def add(self, x: torch.Tensor) -> None:
+        X, dropped = _flatten_finite(x)
+        self._diag.dropped += dropped
+        n, m = self._diag.n, X.shape[0]
+        if m == 0:
+            return
+        self._diag.add_rows(X)
+        Xb = X.view(m, -1, self.b).transpose(0, 1)  # [n1, m, b]
+        self.H_blocks.mul_(n / (n + m)).baddbmm_(Xb.transpose(1, 2), Xb, alpha=2.0 / (n + m))
+
+
+def accumulator(d_in: int, *, full: bool = False, hessian_block: int | None = None, device=None):
+    """The accumulator of one shared input: full H, H's b x b diagonal blocks, or h only."""
+    if full:
+        return HessianAccumulator(d_in, device)
+    if hessian_block:
+        return BlockHessianAccumulator(d_in, hessian_block, device)
+    return DiagAccumulator(d_in, device)
+
+
 @dataclass(frozen=True)
 class LayerStats:
-    """What a solver may read about one layer's inputs: h [d_in], optionally H [d_in, d_in]."""
+    """What a solver may read about one layer's inputs: h [d_in], optionally H [d_in, d_in] or only its
+    b x b diagonal blocks H_blocks [d_in/b, b, b]."""
 
     h: torch.Tensor
     n_tokens: int
     H: torch.Tensor | None = None
     dropped_tokens: int = 0
+    H_blocks: torch.Tensor | None = None
+
+    def hessian_blocks(self, b: int) -> torch.Tensor | None:
+        """H's b x b diagonal blocks [d_in/b, b, b] from H or H_blocks (None when neither holds them)."""
+        if self.H is not None:
+            d_in = self.H.shape[0]
+            return self.H.view(d_in // b, b, d_in // b, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        if self.H_blocks is not None and self.H_blocks.shape[-1] == b:
+            return self.H_blocks
+        return None
 
 
 def repair_h(h: torch.Tensor, name: str = "layer") -> tuple[torch.Tensor, int]:

@@ -151,3 +151,35 @@ def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_
     cfg = load_artifact(out2).manifest["solver_config"]
     for key in set(PRESETS["cpu"]) - {"block_size", "iterations"}:  # the rest of the default preset applies
         assert cfg[key] == PRESETS["cpu"][key], key
+
+
+def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
+    from armor_export.cli import main
+    from solver.methods import Problem, solve
+
+    seen = []
+    real = pipeline.collect_stats
+
+    def spy(*a, **kw):
+        seen.append((kw["full"], kw.get("hessian_block")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    out = tmp_path / "blk"
+    argv = ["prune", "--model", str(tiny_model_dir), "--block-size", "8", "--iterations", "4", "--objective",
+            "block-hessian", "--hessian-damp", "0.02", "--calib-text", str(tiny_text_dir / "calib"),
+            "--calib-samples", "2", "--calib-seqlen", "16", "--out", str(out)]
+    assert main(argv) == 0
+    assert seen == [(False, 8)]  # only H's 8 x 8 diagonal blocks were accumulated, not the full H
+    man = load_artifact(out).manifest
+    assert (man["solver_config"]["objective"], man["solver_config"]["hessian_damp"]) == ("block-hessian", 0.02)
+    # the artifact's layer equals a solve from the full H of the same windows (blocks read off H)
+    loaded = pipeline.load(str(tiny_model_dir))
+    calib = CalibConfig(text=str(tiny_text_dir / "calib"), samples=2, seqlen=16)
+    tokens = pipeline.calibration_windows(loaded.tokenizer, calib)
+    name = man["targets"][0]
+    st = real(loaded, [name], tokens, full=True, progress=False)[name]
+    cfg = SolverConfig.from_dict(man["solver_config"])
+    r = solve("armor", [Problem(name, loaded.model.get_submodule(name).weight.detach().float(), st)], cfg)[0]
+    assert man["layers"][name]["loss_final"] == pytest.approx(r.report.loss_final, rel=1e-3)
+    assert man["layers"][name]["loss_final"] <= man["layers"][name]["loss_start"]

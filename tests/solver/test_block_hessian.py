@@ -11,7 +11,7 @@ from solver.config import SolverConfig
 from solver.methods import Problem, solve, stats_needed
 from solver.normalizer import normalize
 from solver.sparsity import is_24
-from solver.stats import HessianAccumulator, LayerStats
+from solver.stats import BlockHessianAccumulator, HessianAccumulator, LayerStats
 
 
 def _correlated_stats(d_in: int, n: int = 512, seed: int = 0) -> LayerStats:
@@ -24,6 +24,10 @@ def _correlated_stats(d_in: int, n: int = 512, seed: int = 0) -> LayerStats:
     acc = HessianAccumulator(d_in)
     acc.add(X)
     return LayerStats(acc.h.clone(), n, acc.H.clone())
+
+
+def _blocks(H, b):
+    return LayerStats(torch.ones(H.shape[0]), 1, H).hessian_blocks(b)
 
 
 def _block_loss_dense(W, W_hat, H, b, damp, output=False):
@@ -43,7 +47,7 @@ def _block_loss_dense(W, W_hat, H, b, damp, output=False):
 
 def test_factor_reproduces_the_hessian_blocks():
     st = _correlated_stats(32)
-    C = bh.hessian_factor(st.H, 8, 0.01, "l")
+    C = bh.hessian_factor(_blocks(st.H, 8), 8, 0.01, "l")
     Hd = st.H.double() / st.H.double().diagonal().mean()
     for q in range(4):
         want = Hd[q * 8:(q + 1) * 8, q * 8:(q + 1) * 8] + 0.01 * torch.eye(8, dtype=torch.float64)
@@ -54,7 +58,7 @@ def test_factor_reproduces_the_hessian_blocks():
 def test_metric_identity_and_round_trip():
     g = torch.Generator().manual_seed(1)
     st = _correlated_stats(32)
-    C = bh.hessian_factor(st.H, 8, 0.01)
+    C = bh.hessian_factor(_blocks(st.H, 8), 8, 0.01)
     W_bar = torch.randn(16, 32, generator=g)
     A, B, S = torch.randn(2, 8, 8, generator=g), torch.randn(4, 8, 8, generator=g), torch.randn(16, 32, generator=g)
     # |(W_bar - A S B) C|^2 = tr(E Hb E^T): the metric form of the loss (unit h) equals the definition
@@ -101,11 +105,14 @@ def test_zero_iterations_returns_the_nowag_p_start():
 
 def test_needs_full_statistics_and_says_so():
     cfg = SolverConfig(block_size=8, objective="block-hessian")
-    assert stats_needed(cfg) == "full" and stats_needed(SolverConfig()) == "diag"
+    assert stats_needed(cfg) == "blocks" and stats_needed(SolverConfig()) == "diag"
     assert stats_needed(SolverConfig(method="magnitude", objective="block-hessian")) == "none"
     st = _correlated_stats(32)
-    with pytest.raises(ValueError, match="z.*full input Hessian"):
+    with pytest.raises(ValueError, match="z: objective 'block-hessian' needs the input Hessian's 8-wide"):
         solve("armor", [Problem("z", torch.randn(16, 32), LayerStats(st.h, st.n_tokens))], cfg)
+    wrong = LayerStats(st.h, st.n_tokens, H_blocks=_blocks(st.H, 16))  # blocks of another size
+    with pytest.raises(ValueError, match="z: objective 'block-hessian' needs the input Hessian's 8-wide"):
+        solve("armor", [Problem("z", torch.randn(16, 32), wrong)], cfg)
 
 
 def test_bad_hessians_are_clear_errors():
@@ -113,13 +120,15 @@ def test_bad_hessians_are_clear_errors():
     H = st.H.clone()
     H[3, 5] = float("nan")
     with pytest.raises(ValueError, match="layer7: the input Hessian has non-finite"):
-        bh.hessian_factor(H, 8, 0.01, "layer7")
+        bh.hessian_factor(_blocks(H, 8), 8, 0.01, "layer7")
     with pytest.raises(ValueError, match="layer7: the input Hessian is zero"):
-        bh.hessian_factor(torch.zeros(32, 32), 8, 0.01, "layer7")
+        bh.hessian_factor(_blocks(torch.zeros(32, 32), 8), 8, 0.01, "layer7")
     indefinite = torch.eye(32)
     indefinite[9, 10] = indefinite[10, 9] = 5.0  # eigenvalue -4 in block 1: no damping of 1 % repairs it
     with pytest.raises(ValueError, match=r"layer7: input-Hessian block\(s\) \[1\] are not positive definite"):
-        bh.hessian_factor(indefinite, 8, 0.01, "layer7")
+        bh.hessian_factor(_blocks(indefinite, 8), 8, 0.01, "layer7")
+    with pytest.raises(ValueError, match="layer7: the input-Hessian blocks have shape"):
+        bh.hessian_factor(_blocks(st.H, 4), 8, 0.01, "layer7")
     with pytest.raises(ValueError, match="hessian_damp"):
         SolverConfig(hessian_damp=0.0)
     with pytest.raises(ValueError, match="objective"):
@@ -154,3 +163,23 @@ def test_block_output_objective_is_the_layers_output_error():
     W0 = solve("armor", [Problem("out", W, LayerStats(st.h, st.n_tokens))], SolverConfig(block_size=b, iterations=0))
     start = _block_loss_dense(W, W0[0].factors.to_dense(), st.H, b, cfg.hessian_damp, output=True)
     assert start == pytest.approx(rep.loss_start, rel=1e-5)
+
+
+def test_block_accumulator_equals_the_full_hessians_blocks_and_solves_the_same():
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(300, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    X[5, 3] = float("inf")  # a non-finite token is dropped by both, and counted
+    full, blk = HessianAccumulator(32), BlockHessianAccumulator(32, 8)
+    for chunk in (X[:100], X[100:101], X[101:]):  # uneven batches: the running mean is exact
+        full.add(chunk)
+        blk.add(chunk)
+    assert blk.H is None and blk.dropped == full.dropped == 1 and blk.n == full.n == 299
+    assert torch.equal(blk.h, full.h)  # h accumulated the same way (bit-identical)
+    assert torch.allclose(blk.H_blocks, _blocks(full.H, 8), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        BlockHessianAccumulator(30, 8)
+    W = torch.randn(16, 32, generator=g)
+    cfg = SolverConfig(block_size=8, iterations=30, lr=3e-3, objective="block-hessian")
+    r_full = solve("armor", [Problem("x", W, LayerStats(full.h, full.n, full.H))], cfg)[0]
+    r_blk = solve("armor", [Problem("x", W, LayerStats(blk.h, blk.n, H_blocks=blk.H_blocks))], cfg)[0]
+    assert r_blk.report.loss_final == pytest.approx(r_full.report.loss_final, rel=1e-3)
