@@ -34,7 +34,6 @@ from solver.stats import repair_h
 
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-PARAMS = ("A", "B", "V")
 # Largest batched [K, d_out, d_in] tensor, in elements (48 MB fp32). Every full-size tensor of a batch is
 # allocated once (outputs are written in place, |Gamma| goes to a kept scratch buffer); the temporaries of
 # an iteration are at most a quarter of this, below glibc's 32 MB mmap ceiling, past which every temporary
@@ -92,10 +91,21 @@ def _init_batch(starts: list[dict], cfg: SolverConfig, dev: torch.device) -> dic
     st["G"] = obj.weighted_residual(st["E"], st["hz"])
     st["dT"], st["Gamma"] = obj.core_gradient(st["A"], st["B"], st["G"])
     st["L"] = obj.loss_from(st["E"], st["G"])
+    if starts[0]["C"] is not None:  # a block-Hessian metric: Adam moves A, B themselves (A' = diag(rho) A, B' = B C)
+        st["C"] = torch.stack([s["C"] for s in starts]).to(dev)
+        st["Bx"] = identity_blocks(st["B"].shape[0] * st["B"].shape[1], b, device=dev).view_as(st["B"]).clone()
+        if starts[0]["rho"] is not None:
+            st["rho"] = torch.stack([s["rho"] for s in starts]).to(dev)
+            st["Ax"] = identity_blocks(st["A"].shape[0] * st["A"].shape[1], b, device=dev).view_as(st["A"]).clone()
     if cfg.continuous == "adam":
-        for p in PARAMS:
+        for p in _params(st):
             st["m_" + p], st["v_" + p] = torch.zeros_like(st[p]), torch.zeros_like(st[p])
     return st
+
+
+def _params(st: dict) -> tuple[str, str, str]:
+    """Names of the tensors Adam moves: A, B, V; with a metric, A and B in their own coordinates (Ax, Bx)."""
+    return ("Ax" if "Ax" in st else "A", "Bx" if "Bx" in st else "B", "V")
 
 
 def adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float):
@@ -110,9 +120,10 @@ def adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: tor
 
 def _adam_all(st: dict, grads: list, step: int, lr: float) -> None:
     """Adam on A, B, V: torch's fused kernel (one pass per tensor), else the plain update above."""
-    params = [st[p] for p in PARAMS]
-    ms, vs = [st["m_" + p] for p in PARAMS], [st["v_" + p] for p in PARAMS]
-    steps = [torch.tensor(float(step - 1), device=params[0].device) for _ in PARAMS]
+    names = _params(st)
+    params = [st[p] for p in names]
+    ms, vs = [st["m_" + p] for p in names], [st["v_" + p] for p in names]
+    steps = [torch.tensor(float(step - 1), device=params[0].device) for _ in names]
     try:
         adam(params, grads, ms, vs, [], steps, foreach=False, fused=True, amsgrad=False, beta1=BETAS[0],
              beta2=BETAS[1], lr=lr, weight_decay=0.0, eps=ADAM_EPS, maximize=False)
@@ -125,7 +136,16 @@ def continuous_step(st: dict, step: int, lr: float, b: int) -> None:
     """One joint Adam step on A, B, V from the cached products, then refresh them (2 + 4 units)."""
     gA, gB = obj.wrapper_gradients(st["G"], st["T"], st["S"], st["dT"], b)
     gV = st["Gamma"].mul_(st["M"])  # Gamma is recomputed below, so its buffer can hold dL/dV
+    if "C" in st:  # chain rule through B' = B C and A' = diag(rho) A (solver.block_hessian)
+        gB = torch.matmul(gB, st["C"].transpose(-1, -2))
+        rho = st["rho"].view(*st["A"].shape[:3], 1) if "rho" in st else None
+        if rho is not None:
+            gA = gA.mul_(rho)
     _adam_all(st, [gA, gB, gV], step, lr)
+    if "C" in st:
+        torch.matmul(st["Bx"], st["C"], out=st["B"])
+        if rho is not None:
+            torch.mul(st["Ax"], rho, out=st["A"])
     torch.mul(st["V"], st["M"], out=st["S"])
     obj.forward(st["A"], st["S"], st["B"], st["W_bar"], st["T"], st["E"])
     obj.weighted_residual(st["E"], st["hz"], st["G"])

@@ -183,3 +183,24 @@ def test_block_accumulator_equals_the_full_hessians_blocks_and_solves_the_same()
     r_full = solve("armor", [Problem("x", W, LayerStats(full.h, full.n, full.H))], cfg)[0]
     r_blk = solve("armor", [Problem("x", W, LayerStats(blk.h, blk.n, H_blocks=blk.H_blocks))], cfg)[0]
     assert r_blk.report.loss_final == pytest.approx(r_full.report.loss_final, rel=1e-3)
+
+
+def test_diagonal_hessian_reproduces_the_specified_solver():
+    """With H = diag(h) and negligible damping the block-Hessian proxy is the specified one, and Adam moves B
+    itself (B' = B C), so the solve follows the diagonal solver's trajectory (fp32 rounding aside)."""
+    d_out, d_in, b = 32, 48, 8
+    g = torch.Generator().manual_seed(8)
+    h = torch.rand(d_in, generator=g) + 0.1
+    W = torch.randn(d_out, d_in, generator=g)
+    base = dict(block_size=b, iterations=5, lr=3e-3, sparse_rounds=2)
+    r_diag = solve("armor", [Problem("d", W, LayerStats(h, 10))], SolverConfig(**base))[0]
+    r_blk = solve("armor", [Problem("d", W, LayerStats(h, 10, torch.diag(h)))],
+                  SolverConfig(**base, objective="block-hessian", hessian_damp=1e-9))[0]
+    assert r_blk.report.loss_final == pytest.approx(r_diag.report.loss_final, rel=1e-4)
+    assert r_blk.report.notes["diag_loss_final"] == pytest.approx(r_diag.report.loss_final, rel=1e-4)
+    assert torch.equal(r_blk.factors.S != 0, r_diag.factors.S != 0)
+    # elementwise a few groups differ: where keeping the current pattern is optimal, the accept-if-lower test of
+    # the sparse-core round compares two equal tile losses, and rounding decides whether the exact re-solve or
+    # the Adam-moved values stay (a second-order change of the loss); the whole product agrees to 1e-3
+    diff = r_blk.factors.to_dense() - r_diag.factors.to_dense()
+    assert float(diff.norm() / r_diag.factors.to_dense().norm()) < 1e-3
