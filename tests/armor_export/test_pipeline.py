@@ -183,3 +183,5 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
     r = solve("armor", [Problem(name, loaded.model.get_submodule(name).weight.detach().float(), st)], cfg)[0]
     assert man["layers"][name]["loss_final"] == pytest.approx(r.report.loss_final, rel=1e-3)
     assert man["layers"][name]["loss_final"] <= man["layers"][name]["loss_start"]
+    notes = man["layers"][name]["notes"]  # the paper's (diagonal) proxy of the same factors, for comparison
+    assert notes["objective"] == "block-hessian" and notes["diag_loss_final"] > 0 and notes["diag_loss_start"] > 0
