@@ -154,6 +154,7 @@ def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_
 
 
 def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
+    """--objective block-hessian end to end: blocks-only calibration, manifest, losses, report label."""
     from armor_export.cli import main
     from solver.methods import Problem, solve
 
@@ -185,3 +186,7 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
     assert man["layers"][name]["loss_final"] <= man["layers"][name]["loss_start"]
     notes = man["layers"][name]["notes"]  # the paper's (diagonal) proxy of the same factors, for comparison
     assert notes["objective"] == "block-hessian" and notes["diag_loss_final"] > 0 and notes["diag_loss_start"] > 0
+    from armor_export.report import _label, artifact_summary
+
+    assert _label(artifact_summary(man)) == "armor (block-hessian)"  # tables say which objective the losses are in
+    assert main(["report", "--artifact", str(out)]) == 0
