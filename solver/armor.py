@@ -50,8 +50,9 @@ def prepare(name: str, W: torch.Tensor, h: torch.Tensor, b: int, H_blocks: torch
             hessian_damp: float = 0.01, objective: str = "block-hessian") -> dict:
     """Validate one layer and build its NoWag-P start (unbatched, fp32, on W's device).
 
-    With H's diagonal blocks [d_in/b, b, b] (a block-Hessian ``objective``), the solver's target and wrappers are W' = diag(rho) W_bar C,
-    A' = diag(rho), B' = C (solver.block_hessian) and its h is all ones; the mask is NoWag-P's from h."""
+    With H's diagonal blocks [d_in/b, b, b] (a block-Hessian ``objective``) the solver's target and wrappers
+    are W' = diag(rho) W_bar C, A' = diag(rho), B' = C (solver.block_hessian) and its h is all ones; the mask
+    is NoWag-P's from h either way."""
     if W.dim() != 2:
         raise ValueError(f"{name}: weight must be 2-D, got shape {tuple(W.shape)}")
     W = W.float()
@@ -192,7 +193,9 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
     L = st["L"]
     out = [dict(failed_solves=0, mask_changes=0, uniform_fallbacks=0, iterations=0, early_stopped=False,
                 best_iteration=0, nonfinite=not bool(torch.isfinite(L[k]))) for k in range(K)]
-    best = {k: st[k].clone() for k in ("A", "B", "S")}
+    # A, B of the snapshot are Adam's own (with a metric: Ax or A, and Bx; never A' = diag(rho) A, B' = B C)
+    src = dict(zip(("A", "B"), _params(st)[:2]), S="S")
+    best = {k: st[src[k]].clone() for k in ("A", "B", "S")}
     best_L, prev_L = L.clone(), L.clone()
     patience = torch.full((K,), cfg.patience, dtype=torch.long, device=dev)
     rows = list(range(K))  # rows[j]: original index of the j-th active layer
@@ -218,7 +221,7 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
         if bool(improved.any()):
             idx = improved.nonzero()[:, 0]
             for k in best:
-                best[k][idx] = st[k][idx]
+                best[k][idx] = st[src[k]][idx]
             best_L = torch.where(improved, L, best_L)
         c = {k: v.tolist() for k, v in counts.items() if k != "dloss"}
         imp, stp, fin = improved.tolist(), stopped.tolist(), finite.tolist()
@@ -237,27 +240,26 @@ def _solve_chunk(names, starts, cfg: SolverConfig, dev: torch.device) -> list[di
     for j, k in enumerate(rows):
         if "S" not in out[k]:
             out[k]["A"], out[k]["B"], out[k]["S"] = _unbatch(best, j)
-    for k, o in enumerate(out):  # layers that were never active (non-finite start)
+    for k, o in enumerate(out):  # layers that were never active (non-finite start): A = B = I
         if "S" not in o:
-            o["A"], o["B"], o["S"] = (starts[k][x].cpu() for x in ("A", "B", "S"))
+            o["A"], o["B"] = (identity_blocks(*starts[k][x].shape[:2]) for x in ("A", "B"))
+            o["S"] = starts[k]["S"].cpu()
     return out
 
 
 def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig) -> LayerResult:
     """Choose between the best iterate and the start, fold the normaliser, build the report."""
-    W_bar, h, C = start["W_bar"].cpu(), start["h"].cpu(), start["C"]
-    A0, S0, B0 = start["A"].cpu(), start["S"].cpu(), start["B"].cpu()
+    W_bar, h = start["W_bar"].cpu(), start["h"].cpu()
+    C, rho = (None if start[k] is None else start[k].cpu() for k in ("C", "rho"))
+    S0 = start["S"].cpu()
+    A0, B0 = (identity_blocks(*start[k].shape[:2]) for k in ("A", "B"))  # the start: A = B = I
     A, S, B = raw["A"], raw["S"], raw["B"]
 
-    def loss(Ax, Sx, Bx):  # the solved objective of stored factors (A, B out of the metric), fp64
+    def loss(Ax, Sx, Bx):  # the solved objective of stored factors, fp64 (with a metric: A' = diag(rho) A, B' = B C)
         if C is None:
             return obj.exact_loss(W_bar, Ax, Sx, Bx, h)
         return obj.exact_loss(W_bar, bh.rows_in(Ax.double(), rho), Sx, bh.in_metric(Bx, C), h)
 
-    if C is not None:  # back from the metric A' = diag(rho) A, B' = B C: the start is A = B = I
-        C, rho = C.cpu(), None if start["rho"] is None else start["rho"].cpu()
-        A0, B0 = identity_blocks(*A0.shape[:2]), identity_blocks(*B0.shape[:2])
-        A, B = bh.rows_out(A, rho), bh.from_metric(B, C)
     loss_start = loss(A0, S0, B0)
     status, note = "ok", None
     finite = all(bool(torch.isfinite(x).all()) for x in (A, S, B))

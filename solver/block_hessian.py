@@ -10,14 +10,15 @@ correlations):
 With H_qq + damp I = C_q C_q^T (Cholesky, block-diagonal C), E_q H_qq E_q^T = |E_q C_q|_F^2, and
 E C = W_bar C - A S (B C). So the variant is the specified proxy with unit h, target W' = W_bar C and input
 wrapper B' = B C: the same solver, the same exact 2:4 group solves (each tile still depends only on A_p, B'_q
-and its core tile), started from B' = C (that is B = I, the NoWag-P start) and mapped back by B = B' C^-1.
+and its core tile), started from B' = C (that is B = I, the NoWag-P start), while Adam moves B itself
+(the chain rule through B' = B C), so that with a diagonal H the solve is the specified one.
 
 "block-output" drops the normaliser's down-weighting of loud rows and columns as well (armor-algorithm.md
 section 2.2: in the original space the specified loss divides by r_i^2 c_j^2), so it is the layer's output
 error with H kept block-diagonal: sum_q |(W - W_hat)_q C_q|^2 = |diag(r) (W_bar - A S B) diag(c) C|^2.
 The rows go into the output wrapper the same way: A' = diag(r) A (still block-diagonal), and the metric of
 the input side is the Cholesky factor of the blocks of diag(c) H diag(c).
-Pure functions; fp32 in, the Cholesky and the inverse in fp64.
+Pure functions; fp32 in, the Cholesky in fp64.
 """
 from __future__ import annotations
 
@@ -57,12 +58,6 @@ def to_metric(W_bar: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return right_mul(W_bar, C)
 
 
-def from_metric(B_prime: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """B = B' C^-1, block by block (fp64 triangular solve, returned in B_prime's dtype)."""
-    B = torch.linalg.solve_triangular(C.double(), B_prime.double(), upper=False, left=False)
-    return B.to(B_prime.dtype)
-
-
 def in_metric(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """B' = B C in fp64 (for the exact fp64 loss of stored factors)."""
     return torch.matmul(B.double(), C.double())
@@ -83,8 +78,3 @@ def metric(W_bar: torch.Tensor, r: torch.Tensor, c: torch.Tensor, H_blocks: torc
 def rows_in(A: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
     """A' = diag(rho) A for A [n0, b, b] (rows of every block scaled); A itself when rho is None."""
     return A if rho is None else A * rho.view(A.shape[0], A.shape[1], 1).to(A.dtype)
-
-
-def rows_out(A_prime: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
-    """A = diag(rho)^-1 A' (the inverse of rows_in)."""
-    return A_prime if rho is None else A_prime / rho.view(A_prime.shape[0], A_prime.shape[1], 1).to(A_prime.dtype)

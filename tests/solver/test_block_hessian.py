@@ -55,7 +55,7 @@ def test_factor_reproduces_the_hessian_blocks():
         assert torch.equal(C[q], C[q].tril())
 
 
-def test_metric_identity_and_round_trip():
+def test_metric_form_equals_the_definition():
     g = torch.Generator().manual_seed(1)
     st = _correlated_stats(32)
     C = bh.hessian_factor(_blocks(st.H, 8), 8, 0.01)
@@ -68,7 +68,6 @@ def test_metric_identity_and_round_trip():
     want = float(torch.trace(E @ Hb @ E.T) / torch.trace(W_bar.double() @ Hb @ W_bar.double().T))
     got = obj.exact_loss(bh.to_metric(W_bar, C), A, S, bh.in_metric(B, C), ones)
     assert got == pytest.approx(want, rel=1e-6)
-    assert torch.allclose(bh.from_metric(bh.in_metric(B, C).float(), C), B, atol=1e-4)
 
 
 def test_solver_on_block_hessian_keeps_the_guarantee_and_reports_the_stored_loss():
