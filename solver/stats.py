@@ -74,7 +74,11 @@ class HessianAccumulator:
         if m == 0:
             return
         self._diag.add_rows(X)
-        self.H.mul_(n / (n + m)).addmm_(X.T, X, alpha=2.0 / (n + m))
+        self._update(X, n / (n + m), 2.0 / (n + m))
+
+    def _update(self, X: torch.Tensor, keep: float, alpha: float) -> None:
+        """Second moment <- keep . second moment + alpha . X^T X."""
+        self.H.mul_(keep).addmm_(X.T, X, alpha=alpha)
 
 
 class BlockHessianAccumulator(HessianAccumulator):
@@ -92,15 +96,9 @@ class BlockHessianAccumulator(HessianAccumulator):
     def H(self) -> None:
         return None
 
-    def add(self, x: torch.Tensor) -> None:
-        X, dropped = _flatten_finite(x)
-        self._diag.dropped += dropped
-        n, m = self._diag.n, X.shape[0]
-        if m == 0:
-            return
-        self._diag.add_rows(X)
-        Xb = X.view(m, -1, self.b).transpose(0, 1)  # [n1, m, b]
-        self.H_blocks.mul_(n / (n + m)).baddbmm_(Xb.transpose(1, 2), Xb, alpha=2.0 / (n + m))
+    def _update(self, X: torch.Tensor, keep: float, alpha: float) -> None:
+        Xb = X.view(X.shape[0], -1, self.b).transpose(0, 1)  # [n1, m, b]
+        self.H_blocks.mul_(keep).baddbmm_(Xb.transpose(1, 2), Xb, alpha=alpha)
 
 
 def accumulator(d_in: int, *, full: bool = False, hessian_block: int | None = None, device=None):
