@@ -41,6 +41,7 @@ from armor_export.artifact import LayerFactors
 from armor_export.config import CalibConfig, EvalConfig
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
+from benchmarks.modelopt_launch import run_modelopt
 from benchmarks.synth import make_tiny_model_dir, sample_text
 from engines.torch_module import ArmorLinear, set_submodule
 from solver.config import PRESETS, SolverConfig
@@ -252,34 +253,6 @@ def gap_closed(dense: float, baselines: list[dict], armor: dict) -> dict:
     return {"best_baseline": best["method"], "best_baseline_ppl": best["perplexity"], "armor_ppl": armor["perplexity"],
             "dense_ppl": dense, "block_size": armor["block_size"], "iterations": armor["iterations"],
             "value": value, "target": 0.6, "reached": value is not None and value >= 0.6}
-
-
-# ---------------------------------------------------------------- ModelOpt cross-check (other venv)
-def run_modelopt(bench: Bench, out_dir: Path, ours: dict) -> dict:
-    from safetensors.torch import save_file
-
-    py = Path(bench.args.modelopt_python)
-    if not py.is_file():
-        return {"error": f"{py} not found: create it with `bash benchmarks/modelopt_env.sh`"}
-    wfile = out_dir / "quality_windows.safetensors"
-    save_file({"calibration": bench.calib.token_ids.contiguous(), "evaluation": bench.ev.token_ids.contiguous()},
-              str(wfile), metadata={"calib_sha256": bench.calib.sha256, "eval_sha256": bench.ev.sha256})
-    res_file = out_dir / "modelopt_crosscheck.json"
-    cmd = [str(py), str(ROOT / "benchmarks" / "modelopt_crosscheck.py"), "--model", str(bench.loaded.folder),
-           "--windows", str(wfile), "--out", str(res_file), "--work", str(out_dir / "modelopt_model"),
-           "--threads", str(bench.args.modelopt_threads)]
-    bench.log("ModelOpt cross-check: " + " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=str(ROOT), timeout=bench.args.modelopt_timeout,
-                          env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")})
-    if proc.returncode != 0 or not res_file.is_file():
-        return {"error": f"cross-check exited with {proc.returncode}", "command": cmd}
-    mo = json.loads(res_file.read_text())
-    mo.update(command=cmd, comparison={})
-    for key, ours_r in ours.items():
-        theirs = (mo.get(key) or {}).get("perplexity")
-        if ours_r is not None and theirs is not None:
-            mo["comparison"][key] = {"ours": ours_r, "modelopt": theirs, "rel_diff": (ours_r - theirs) / theirs}
-    return mo
 
 
 # ---------------------------------------------------------------- report
