@@ -93,3 +93,13 @@ def test_block_hessian_objective_run(tmp_path):
     assert by["nowag"]["objective"] is None and by["nowag"]["mean_diag_loss"] is None
     assert 0 < arm["mean_loss"] <= arm["mean_loss_start"] and _finite(arm["mean_diag_loss"])
     assert _finite(arm["perplexity"]) and res["calibration"]["stats"] == "full H"
+
+
+def test_modelopt_launch_without_its_venv_says_how_to_make_it(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks.modelopt_launch import run_modelopt
+
+    bench = SimpleNamespace(args=SimpleNamespace(modelopt_python=str(tmp_path / "none" / "python")))
+    res = run_modelopt(bench, tmp_path, {"dense": 1.0})
+    assert "not found" in res["error"] and "benchmarks/modelopt_env.sh" in res["error"]
