@@ -190,3 +190,13 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
 
     assert _label(artifact_summary(man)) == "armor (block-hessian)"  # tables say which objective the losses are in
     assert main(["report", "--artifact", str(out)]) == 0
+
+
+def test_sequential_calibration_feeds_the_block_objective(tiny_model_dir, tiny_text_dir, tmp_path):
+    cfg = SolverConfig(block_size=8, iterations=2, objective="block-hessian")
+    out = pipeline.prune(str(tiny_model_dir), cfg, _calib(tiny_text_dir, mode="sequential"), tmp_path / "s",
+                         progress=False)
+    man = read_manifest(out)
+    assert man["calibration"]["mode"] == "sequential"
+    for v in man["layers"].values():
+        assert v["notes"]["objective"] == "block-hessian" and v["loss_final"] <= v["loss_start"]
