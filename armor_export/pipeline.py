@@ -28,7 +28,7 @@ from armor_export.resume import LayerStore, model_fingerprint
 from armor_export.shard import DistContext, assign, chunks, layer_cost
 from solver.blockdiag import check_block_size
 from solver.config import SolverConfig
-from solver.methods import Problem, get_method, solve, stats_needed
+from solver.methods import Problem, get_method, solve, stats_needed, stats_request
 from solver.sparsity import check_24_shape
 from solver.stats import LayerStats
 
@@ -164,8 +164,7 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
     from engines.torch_module import ArmorLinear, set_submodule
 
     fam, out = loaded.family, {}
-    needs = stats_needed(solver_cfg)
-    full, hb = needs == "full", solver_cfg.block_size if needs == "blocks" else None
+    request = stats_request(solver_cfg)
 
     def prune_block(i: int, block: nn.Module, bstats: dict[str, LayerStats]) -> None:
         prefix = f"{fam.layers_path}.{i}."
@@ -177,9 +176,8 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
             set_submodule(block, n[len(prefix):], ArmorLinear(lf.factors.S, lf.factors.A_blocks,
                                                               lf.factors.B_blocks, lf.bias))
 
-    for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, full=full, mode="sequential",
-                            batch_size=calib.batch_size, prune_block=prune_block, progress=progress,
-                            hessian_block=hb):
+    for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, mode="sequential", batch_size=calib.batch_size,
+                            prune_block=prune_block, progress=progress, **request):
         pass
     return out
 
@@ -271,8 +269,8 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
     elif calib.mode == "sequential":
         layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
-        stats = collect_stats(loaded, mine, tokens, full=needs == "full", batch_size=calib.batch_size,
-                              progress=progress, hessian_block=solver_cfg.block_size if needs == "blocks" else None)
+        stats = collect_stats(loaded, mine, tokens, batch_size=calib.batch_size, progress=progress,
+                              **stats_request(solver_cfg))
         calib_seconds = time.perf_counter() - t_cal
         layers = solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress)
     solve_seconds = time.perf_counter() - t_cal - calib_seconds

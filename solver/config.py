@@ -36,9 +36,10 @@ class SolverConfig:
     max_batch: int = 64  # ARMOR: at most this many same-shaped layers solved together (1 = one by one)
     # ARMOR's proxy: "diag" is the specified one (sum h_j E_ij^2); "block-hessian" also weighs the error by the
     # off-diagonal input Hessian inside each of B's b x b blocks; "block-output" is the layer's output error with
-    # H kept block-diagonal (no normaliser down-weighting). Both need full H (solver/block_hessian.py).
+    # H kept block-diagonal (no normaliser down-weighting). Both need H's b x b diagonal blocks
+    # (solver/block_hessian.py; calibration collects them, or reads them off a full H).
     objective: str = "diag"
-    hessian_damp: float = 0.01  # block-hessian: added to every H block's diagonal, relative to mean(diag H)
+    hessian_damp: float = 0.01  # block objectives: added to every H block's diagonal, relative to mean(diag H)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:

@@ -95,6 +95,12 @@ def stats_needed(cfg: SolverConfig) -> str:
     return needs
 
 
+def stats_request(cfg: SolverConfig) -> dict:
+    """Keyword arguments for the calibration pass that cfg needs: {"full": bool, "hessian_block": int | None}."""
+    needs = stats_needed(cfg)
+    return {"full": needs == "full", "hessian_block": cfg.block_size if needs == "blocks" else None}
+
+
 def solve(method: str, problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
     m = get_method(method)
     needs = stats_needed(dataclasses.replace(cfg, method=method))
