@@ -12,6 +12,9 @@ the official code, all deliberate (section 5 and 11 of the spec):
 - every layer has its own torch.Generator seeded with cfg.seed, so a layer's result does not depend
   on which other layers share its batch;
 - non-finite values during the solve give status "fallback" with the NoWag-P start returned.
+With ``cfg.refit == "output"`` (an option of ours, solver/refit.py) the BCD's result, or the NoWag-P start when
+that has the lower output error, is then refitted to the layer's output error under the full input Hessian with
+its mask fixed; the report's losses are then that output loss (1 = all-zero weight) and the BCD's go to notes.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from solver.config import SolverConfig
 from solver.core_step import sparse_core_rounds
 from solver.factors import Factorization, LayerResult, SolveReport
 from solver.normalizer import fold, normalize
+from solver.refit import output_loss, refit
 from solver.sparsity import check_24_shape, mask_24, positive_zeros
 from solver.stats import repair_h
 
@@ -288,6 +292,40 @@ def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig
     return LayerResult(fact, report)
 
 
+def output_refit(name: str, W: torch.Tensor, H: torch.Tensor | None, start: dict, res: LayerResult,
+                 cfg: SolverConfig) -> LayerResult:
+    """cfg.refit == "output": refit the factors with the lower output loss, ARMOR's or the NoWag-P start's
+    (W masked), with their mask fixed. The report's losses become output losses, so loss_final <= loss_start
+    still holds (the refit never raises the loss of what it starts from); the BCD's go to notes."""
+    if H is None:
+        raise ValueError(f"{name}: --refit output needs the layer's full input Hessian (calibrate with full "
+                         f"statistics, or run without the refit)")
+    t0 = time.perf_counter()
+    dev = torch.device(cfg.device)
+    W, H = W.float().to(dev), H.float().to(dev)
+    f = res.factors
+    W0 = torch.where(start["M"].to(dev), W, torch.zeros((), device=dev))  # the NoWag-P start, A = B = I
+    loss_start = output_loss(W, W0, H)
+    A, S, B = (x.to(dev) for x in (f.A_blocks, f.S, f.B_blocks))
+    loss_bcd = output_loss(W, f.to_dense().to(dev), H)
+    origin = "armor"
+    if not loss_bcd <= loss_start:
+        A, B = (identity_blocks(*x.shape[:2], device=dev) for x in (A, B))
+        S, origin = W0, "nowag"
+    A, S, B, info = refit(W, A, S, B, H, rounds=cfg.refit_rounds, damp=cfg.hessian_damp, name=name)
+    loss_final = info["loss_after"]
+    if not loss_final <= loss_start:
+        raise AssertionError(f"{name}: refitted output loss {loss_final} exceeds the NoWag-P start {loss_start}")
+    seconds = time.perf_counter() - t0
+    fact = Factorization(positive_zeros(S.cpu()), A.cpu().contiguous(), B.cpu().contiguous()).validated(name)
+    r = res.report
+    notes = {**r.notes, "bcd_loss_start": r.loss_start, "bcd_loss_final": r.loss_final, "output_loss_bcd": loss_bcd,
+             "refit": cfg.refit, "refit_from": origin, "refit_accepted": info["accepted"],
+             "refit_seconds": round(seconds, 4)}
+    report = SolveReport(loss_start, loss_final, r.iterations, r.seconds + seconds, r.early_stopped, r.status, notes)
+    return LayerResult(fact, report)
+
+
 def batches(items: list, most: int) -> list[list]:
     """Consecutive batches of at most ``most`` items (at least 1), as even in size as possible:
     60 layers at most 18 give 15, 15, 15, 15, not 18, 18, 18, 6 (a small last batch is the dearest per layer)."""
@@ -305,6 +343,9 @@ def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
     for p in problems:
         if p.stats is None:
             raise ValueError(f"{p.name}: ARMOR needs calibration statistics (h)")
+        if cfg.refit == "output" and p.stats.H is None:
+            raise ValueError(f"{p.name}: --refit output needs the layer's full input Hessian (calibrate with "
+                             f"full statistics, or run without the refit)")
         Hb = None
         if cfg.objective != "diag":
             Hb = p.stats.hessian_blocks(b)
@@ -325,4 +366,7 @@ def solve_layers(problems, cfg: SolverConfig) -> list[LayerResult]:
             share = (time.perf_counter() - t0) / len(chunk)
             for i, raw in zip(chunk, raws):
                 results[i] = _finish(problems[i].name, starts[i], raw, share, cfg)
+                if cfg.refit == "output":
+                    p = problems[i]
+                    results[i] = output_refit(p.name, p.W, p.stats.H, starts[i], results[i], cfg)
     return results

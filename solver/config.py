@@ -13,6 +13,7 @@ SELECTIONS = ("gradient-random", "gradient-greedy", "uniform")
 CONTINUOUS = ("adam", "none")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("diag", "block-hessian", "block-output")
+REFITS = ("none", "output")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class SolverConfig:
     # (solver/block_hessian.py; calibration collects them, or reads them off a full H).
     objective: str = "diag"
     hessian_damp: float = 0.01  # block objectives: added to every H block's diagonal, relative to mean(diag H)
+    # ARMOR, after the BCD: "output" refits S's kept values, A and B to the layer's output error under the full
+    # input Hessian with the mask fixed (solver/refit.py; needs full statistics); "none" is the specified solver.
+    refit: str = "none"
+    refit_rounds: int = 3  # rounds of (values, output wrapper, input wrapper)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:
@@ -66,6 +71,10 @@ class SolverConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not self.hessian_damp > 0:
             raise ValueError(f"hessian_damp must be > 0, got {self.hessian_damp}")
+        if self.refit not in REFITS:
+            raise ValueError(f"refit must be one of {REFITS}, got {self.refit!r}")
+        if self.refit_rounds <= 0:
+            raise ValueError(f"refit_rounds must be > 0, got {self.refit_rounds}")
         if self.max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
 

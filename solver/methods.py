@@ -90,6 +90,8 @@ def stats_needed(cfg: SolverConfig) -> str:
     """"none" | "diag" | "blocks" | "full": the calibration statistics cfg's method needs with cfg's settings
     ("blocks": h and H's cfg.block_size-wide diagonal blocks, which the full H also provides)."""
     needs = get_method(cfg.method).needs
+    if cfg.method == "armor" and cfg.refit != "none":
+        return "full"
     if cfg.method == "armor" and cfg.objective != "diag":
         return "blocks"
     return needs
