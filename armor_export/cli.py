@@ -54,7 +54,14 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                         "inside each b x b block); block-output (the layer's output error with H kept "
                         "block-diagonal). The block ones need full calibration statistics")
     g.add_argument("--hessian-damp", type=float, default=None,
-                   help="block-hessian: damping added to each H block, relative to mean(diag H) (default 0.01)")
+                   help="block objectives and the refit: damping added to H, relative to mean(diag H) "
+                        "(default 0.01)")
+    g.add_argument("--refit", choices=("none", "output"), default=None,
+                   help="ARMOR: after the BCD, refit S's kept values, A and B to each layer's output error under "
+                        "the full input Hessian, mask fixed (output; needs full calibration statistics). "
+                        "Default none (the specified solver)")
+    g.add_argument("--refit-rounds", type=int, default=None,
+                   help="--refit output: rounds of (values, A, B) refits (default 3)")
     g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
@@ -121,7 +128,8 @@ def solver_config(a):
     for flag, key in (("block_size", "block_size"), ("iterations", "iterations"), ("lr", "lr"),
                       ("selection", "selection"), ("patience", "patience"),
                       ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule"),
-                      ("objective", "objective"), ("hessian_damp", "hessian_damp")):
+                      ("objective", "objective"), ("hessian_damp", "hessian_damp"), ("refit", "refit"),
+                      ("refit_rounds", "refit_rounds")):
         if getattr(a, flag) is not None:
             d[key] = getattr(a, flag)
     return SolverConfig(**d)

@@ -17,10 +17,13 @@ def artifact_summary(man: dict) -> dict:
     finals = [v["loss_final"] for v in layers.values() if v.get("loss_final") is not None]
     params = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
     extra = sum(v["block_size"] * (v["shape"][0] + v["shape"][1]) for v in layers.values() if v.get("block_size"))
-    objective = (man.get("solver_config") or {}).get("objective", "diag") if man["method"] == "armor" else None
+    cfg = (man.get("solver_config") or {}) if man["method"] == "armor" else {}
+    objective = cfg.get("objective", "diag") if man["method"] == "armor" else None
+    refit = cfg.get("refit", "none") if man["method"] == "armor" else None
     return {
         "method": man["method"],
-        "objective": objective,  # ARMOR's proxy: the losses below are in this objective
+        "objective": objective,  # ARMOR's proxy: the losses below are in this objective, unless refit is "output"
+        "refit": refit,  # "output": the losses below are the layers' output losses under the full input Hessian
         "layers": len(layers),
         "fallback_layers": sorted(k for k, v in layers.items() if v.get("status") != "ok"),
         "mean_loss_start": mean(starts) if starts else None,
@@ -32,8 +35,10 @@ def artifact_summary(man: dict) -> dict:
 
 
 def _label(s: dict) -> str:
-    """The method, with ARMOR's objective when it is not the paper's."""
-    return s["method"] + (f" ({s['objective']})" if s.get("objective") not in (None, "diag") else "")
+    """The method, with ARMOR's objective when it is not the paper's and its refit when there is one."""
+    extra = [s["objective"]] if s.get("objective") not in (None, "diag") else []
+    extra += ["output refit"] if s.get("refit") not in (None, "none") else []
+    return s["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _fmt(x, spec=".4f"):

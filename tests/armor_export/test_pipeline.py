@@ -192,6 +192,37 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
     assert main(["report", "--artifact", str(out)]) == 0
 
 
+def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model_dir, tiny_text_dir, tmp_path,
+                                                                     monkeypatch):
+    from armor_export.cli import main
+
+    seen = []
+    real = pipeline.collect_stats
+
+    def spy(*a, **kw):
+        seen.append((kw["full"], kw.get("hessian_block")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    out = tmp_path / "refit"
+    argv = ["prune", "--model", str(tiny_model_dir), "--block-size", "8", "--iterations", "4", "--objective",
+            "block-hessian", "--refit", "output", "--refit-rounds", "2", "--calib-text",
+            str(tiny_text_dir / "calib"), "--calib-samples", "2", "--calib-seqlen", "16", "--out", str(out)]
+    assert main(argv) == 0
+    assert seen == [(True, None)]  # the refit reads the full H
+    man = load_artifact(out).manifest
+    assert (man["solver_config"]["refit"], man["solver_config"]["refit_rounds"]) == ("output", 2)
+    for name, layer in man["layers"].items():
+        n = layer["notes"]
+        assert layer["loss_final"] <= layer["loss_start"], name  # output losses, the guarantee kept
+        assert layer["loss_final"] <= n["output_loss_bcd"] + 1e-12, name  # never worse than the BCD's factors
+        assert n["refit"] == "output" and n["bcd_loss_final"] <= n["bcd_loss_start"], name
+    from armor_export.report import _label, artifact_summary
+
+    assert _label(artifact_summary(man)) == "armor (block-hessian, output refit)"
+    assert main(["report", "--artifact", str(out)]) == 0
+
+
 def test_sequential_calibration_feeds_the_block_objective(tiny_model_dir, tiny_text_dir, tmp_path):
     cfg = SolverConfig(block_size=8, iterations=2, objective="block-hessian")
     out = pipeline.prune(str(tiny_model_dir), cfg, _calib(tiny_text_dir, mode="sequential"), tmp_path / "s",
