@@ -137,15 +137,16 @@ class Bench:
             self.load_previous(Path(prev), args.reuse_methods.split(","))
         planned = (args.main_methods.split(",") if "main" in args.parts else []) + (
             ["sparsegpt"] if "modelopt" in args.parts else [])
-        self.want_full = any(stats_needed(SolverConfig(method=m, objective=args.objective)) in ("full", "blocks")
-                             and not self.has(m) for m in planned)
+        needs = lambda m: stats_needed(SolverConfig(method=m, objective=args.objective, refit=args.refit))  # noqa: E731
+        self.want_full = any(needs(m) in ("full", "blocks") and not self.has(m) for m in planned)
 
     @staticmethod
     def key(r: dict) -> tuple:
         armor = r["method"] == "armor"  # runs written before lr/rounds were recorded used lr 1e-4, 1 round
         return (r["method"], r["calibration"], r["block_size"], r["iterations"], r.get("sparsegpt_damp"),
                 r.get("mask_only", False), r.get("lr", 1e-4) if armor else None,
-                r.get("sparse_rounds", 1) if armor else None, r.get("objective", "diag") if armor else None)
+                r.get("sparse_rounds", 1) if armor else None, r.get("objective", "diag") if armor else None,
+                r.get("refit", "none") if armor else None)
 
     def load_previous(self, path: Path, methods: list[str]) -> None:
         """Seed the cache with runs of ``methods`` from an earlier JSON made on the very same token windows."""
@@ -191,25 +192,29 @@ class Bench:
 
     def run(self, method: str, *, mode: str = "dense", block_size: int | None = None,
             iterations: int | None = None, damp: float | None = None, mask_only: bool = False,
-            lr: float | None = None, rounds: int | None = None, objective: str | None = None) -> dict:
+            lr: float | None = None, rounds: int | None = None, objective: str | None = None,
+            refit: str | None = None) -> dict:
         """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
         b = self.b if block_size is None else block_size
         it = self.iters if iterations is None else iterations
         lr = self.lr if lr is None else lr
         rounds = self.rounds if rounds is None else rounds
         objective = self.args.objective if objective is None else objective
+        refit = self.args.refit if refit is None else refit
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
                damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,
-               rounds if method == "armor" else None, objective if method == "armor" else None)
+               rounds if method == "armor" else None, objective if method == "armor" else None,
+               refit if method == "armor" else None)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
             self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3],
-                                 "lr": key[6], "sparse_rounds": key[7], "objective": key[8]})
+                                 "lr": key[6], "sparse_rounds": key[7], "objective": key[8], "refit": key[9]})
             return None
         cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
                            objective=objective if method == "armor" else "diag",
+                           refit=refit if method == "armor" else "none",
                            **({} if damp is None else {"sparsegpt_damp": damp}))
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
@@ -230,11 +235,12 @@ class Bench:
         ppl, eval_s = self.ppl(model)
         del model
         label = (LABELS[method] + ("" if damp in (None, SolverConfig.sparsegpt_damp) else f" damp {damp}")
-                 + (" mask-only" if mask_only else "") + ("" if cfg.objective == "diag" else f" {cfg.objective}"))
+                 + (" mask-only" if mask_only else "") + ("" if cfg.objective == "diag" else f" {cfg.objective}")
+                 + ("" if cfg.refit == "none" else f" {cfg.refit}-refit"))
         r = {"method": method, "label": label, "calibration": mode,
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
              "lr": lr if method == "armor" else None, "sparse_rounds": rounds if method == "armor" else None,
-             "objective": objective if method == "armor" else None,
+             "objective": objective if method == "armor" else None, "refit": refit if method == "armor" else None,
              "perplexity": ppl, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
@@ -285,6 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ARMOR sparse-core rounds per iteration (default: PRESETS['cpu'])")
     p.add_argument("--objective", default="diag", choices=("diag", "block-hessian", "block-output"),
                    help="ARMOR proxy of the main table (block-hessian needs full H; solver/block_hessian.py)")
+    p.add_argument("--refit", default="none", choices=("none", "output"),
+                   help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")
     p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
     p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")
     p.add_argument("--main-methods", default=",".join((*BASELINES, "armor")), help="methods of the main table")

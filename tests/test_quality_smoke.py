@@ -95,6 +95,18 @@ def test_block_hessian_objective_run(tmp_path):
     assert _finite(arm["perplexity"]) and res["calibration"]["stats"] == "full H"
 
 
+def test_smoke_output_refit_run_records_its_refit(tmp_path):
+    from benchmarks.quality import main
+
+    res = main(["--smoke", "--quiet", "--out", str(tmp_path / "q.json"), "--only", "main", "--main-methods",
+                "armor", "--iterations", "6", "--eval-windows", "2", "--objective", "block-hessian",
+                "--refit", "output"])
+    arm = res["runs"][0]
+    assert arm["refit"] == "output" and arm["label"] == "ARMOR block-hessian output-refit"
+    assert 0 < arm["mean_loss"] <= arm["mean_loss_start"]  # output losses: the refit keeps the guarantee
+    assert _finite(arm["perplexity"]) and res["calibration"]["stats"] == "full H"
+
+
 def test_modelopt_launch_without_its_venv_says_how_to_make_it(tmp_path):
     from types import SimpleNamespace
 
