@@ -61,7 +61,7 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                         "the full input Hessian, mask fixed (output; needs full calibration statistics). "
                         "Default none (the specified solver)")
     g.add_argument("--refit-rounds", type=int, default=None,
-                   help="--refit output: rounds of (values, A, B) refits (default 3)")
+                   help="--refit output: rounds of (values, A, B) refits (default 6)")
     g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")

@@ -308,11 +308,12 @@ def output_refit(name: str, W: torch.Tensor, H: torch.Tensor | None, start: dict
     loss_start = output_loss(W, W0, H)
     A, S, B = (x.to(dev) for x in (f.A_blocks, f.S, f.B_blocks))
     loss_bcd = output_loss(W, f.to_dense().to(dev), H)
-    origin = "armor"
+    origin, loss_from = "armor", loss_bcd
     if not loss_bcd <= loss_start:
         A, B = (identity_blocks(*x.shape[:2], device=dev) for x in (A, B))
-        S, origin = W0, "nowag"
-    A, S, B, info = refit(W, A, S, B, H, rounds=cfg.refit_rounds, damp=cfg.hessian_damp, name=name)
+        S, origin, loss_from = W0, "nowag", loss_start
+    A, S, B, info = refit(W, A, S, B, H, rounds=cfg.refit_rounds, damp=cfg.hessian_damp, name=name,
+                          loss_before=loss_from)
     loss_final = info["loss_after"]
     if not loss_final <= loss_start:
         raise AssertionError(f"{name}: refitted output loss {loss_final} exceeds the NoWag-P start {loss_start}")

@@ -44,7 +44,7 @@ class SolverConfig:
     # ARMOR, after the BCD: "output" refits S's kept values, A and B to the layer's output error under the full
     # input Hessian with the mask fixed (solver/refit.py; needs full statistics); "none" is the specified solver.
     refit: str = "none"
-    refit_rounds: int = 3  # rounds of (values, output wrapper, input wrapper)
+    refit_rounds: int = 6  # rounds of (values, output wrapper, input wrapper)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:

@@ -14,6 +14,8 @@ B separately, so alternating exact (or monotone) minimisation never raises it:
 The solves use H + damp . mean(diag H) . I (numerical safety; dead input channels stay solvable); the result
 is accepted only if the undamped L of the returned factors is not above that of the factors given, checked
 in fp64. Pure functions on fp32 tensors of one layer; every product is a dense or block-diagonal matmul.
+The defaults (6 rounds of 10 value and 5 wrapper CG steps) come from SmolLM2's layers: short inner solves and
+more rounds reach a lower loss for the same work than long inner solves (benchmarks/RESULTS_quality.md).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def _cg(apply, rhs_residual: torch.Tensor, x: torch.Tensor, precond: torch.Tenso
     return x
 
 
-def refit_values(W, A, S, B, H, mask, WH, iters: int = 25, tol: float = 1e-4) -> torch.Tensor:
+def refit_values(W, A, S, B, H, mask, WH, iters: int = 10, tol: float = 1e-4) -> torch.Tensor:
     """S minimising L over the entries where mask is True (A, B fixed); H is the (damped) Hessian, WH = W H."""
     P = _t(A) @ A  # A^T A, block-diagonal [n0, b, b]
     Bt = _t(B)
@@ -115,7 +117,7 @@ def _diag_blocks(X: torch.Tensor, Y: torch.Tensor, b: int) -> torch.Tensor:
     return X.reshape(d // b, b, k) @ Y.reshape(k, d // b, b).transpose(0, 1)
 
 
-def refit_input_wrapper(W, A, S, B, H, WH, iters: int = 10, tol: float = 1e-4) -> torch.Tensor:
+def refit_input_wrapper(W, A, S, B, H, WH, iters: int = 5, tol: float = 1e-4) -> torch.Tensor:
     """B minimising L over block-diagonal B (A, S fixed), by CG over B's blocks; returns new blocks."""
     n1, b, _ = B.shape
     Z = left_mul(A, S)
@@ -129,21 +131,23 @@ def refit_input_wrapper(W, A, S, B, H, WH, iters: int = 10, tol: float = 1e-4) -
 
 
 def refit(W: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, H: torch.Tensor, *,
-          rounds: int = 3, value_iters: int = 25, wrapper_iters: int = 10, damp: float = 0.01,
-          name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+          rounds: int = 6, value_iters: int = 10, wrapper_iters: int = 5, damp: float = 0.01,
+          name: str = "layer", loss_before: float | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Alternate S (CG), A (closed form), B (CG) for ``rounds`` rounds with S's sparsity pattern fixed.
 
     W [d_out, d_in], A [d_out/b, b, b], S [d_out, d_in] (its nonzeros are the mask), B [d_in/b, b, b], H
     [d_in, d_in]; every factor fp32. Returns (A, S, B, info) with info["loss_before"], info["loss_after"] (the
     undamped output loss, fp64) and info["accepted"]; when the refit does not lower the loss or produces
-    non-finite values, the given factors come back unchanged (accepted False)."""
+    non-finite values, the given factors come back unchanged (accepted False). ``loss_before``: the output loss
+    of the given factors when the caller has it already (skips one fp64 evaluation)."""
     W, A, S, B, H = (x.float() for x in (W, A, S, B, H))
     if H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"{name}: the input Hessian must be square [d_in, d_in] = [{W.shape[1]}, {W.shape[1]}], "
                          f"got {tuple(H.shape)}")
     Hd = damped(H, damp, name)
     mask = S != 0
-    before = output_loss(W, left_mul(A, right_mul(S, B)), H)
+    before = output_loss(W, left_mul(A, right_mul(S, B)), H) if loss_before is None else loss_before
     WH = W @ Hd
     A1, S1, B1 = A.clone(), S.clone(), B.clone()
     for _ in range(rounds):
