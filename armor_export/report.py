@@ -41,6 +41,11 @@ def _label(s: dict) -> str:
     return s["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _loss_name(s: dict) -> str:
+    """What the summary's losses measure: the solved proxy, or (with the output refit) the layer's output error."""
+    return "mean output loss" if s.get("refit") not in (None, "none") else "mean proxy loss"
+
+
 def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
@@ -50,7 +55,8 @@ def print_artifact(path: Path, console: Console | None = None) -> None:
     man = read_manifest(path)
     s = artifact_summary(man)
     t = Table(title=f"artifact {path}")
-    for col in ("method", "layers", "mean proxy loss (NoWag-P start)", "mean proxy loss (final)", "A/B overhead",
+    loss = _loss_name(s)
+    for col in ("method", "layers", f"{loss} (NoWag-P start)", f"{loss} (final)", "A/B overhead",
                 "fallbacks", "solve s"):
         t.add_column(col)
     t.add_row(_label(s), str(s["layers"]), _fmt(s["mean_loss_start"]), _fmt(s["mean_loss_final"]),
@@ -72,7 +78,7 @@ def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
         f"{summary['pruned']['seqlen']} |", "",
         f"- layers: {s['layers']}, fallbacks: {len(s['fallback_layers'])}, A/B overhead "
         f"{100 * s['param_overhead']:.1f}%",
-        f"- mean proxy loss: NoWag-P start {_fmt(s['mean_loss_start'])} -> final {_fmt(s['mean_loss_final'])}",
+        f"- {_loss_name(s)}: NoWag-P start {_fmt(s['mean_loss_start'])} -> final {_fmt(s['mean_loss_final'])}",
         f"- wall time: {summary['seconds']} s",
     ]
     if "verify" in summary:
@@ -85,7 +91,7 @@ def print_run_summary(artifact: Path, summary: dict, console: Console | None = N
     console = console or Console()
     s = artifact_summary(read_manifest(artifact))
     t = Table(title="armor-export summary")
-    for col in ("model", "perplexity", "mean proxy loss", "A/B overhead"):
+    for col in ("model", "perplexity", _loss_name(s), "A/B overhead"):
         t.add_column(col)
     t.add_row("dense", f"{summary['dense']['perplexity']:.3f}", "0", "-")
     t.add_row(_label(s), f"{summary['pruned']['perplexity']:.3f}", _fmt(s["mean_loss_final"]),
