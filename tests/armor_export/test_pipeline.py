@@ -205,13 +205,14 @@ def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model
 
     monkeypatch.setattr(pipeline, "collect_stats", spy)
     out = tmp_path / "refit"
-    argv = ["prune", "--model", str(tiny_model_dir), "--block-size", "8", "--iterations", "4", "--objective",
-            "block-hessian", "--refit", "output", "--refit-rounds", "2", "--calib-text",
+    argv = ["prune", "--model", str(tiny_model_dir), "--preset", "quality", "--block-size", "8", "--iterations", "4",
+            "--refit-rounds", "2", "--calib-text",
             str(tiny_text_dir / "calib"), "--calib-samples", "2", "--calib-seqlen", "16", "--out", str(out)]
     assert main(argv) == 0
     assert seen == [(True, None)]  # the refit reads the full H
     man = load_artifact(out).manifest
-    assert (man["solver_config"]["refit"], man["solver_config"]["refit_rounds"]) == ("output", 2)
+    cfg = man["solver_config"]  # the quality preset: block-hessian + output refit, flags override it
+    assert (cfg["objective"], cfg["refit"], cfg["refit_rounds"], cfg["block_size"]) == ("block-hessian", "output", 2, 8)
     for name, layer in man["layers"].items():
         n = layer["notes"]
         assert layer["loss_final"] <= layer["loss_start"], name  # output losses, the guarantee kept
@@ -221,6 +222,16 @@ def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model
 
     assert _label(artifact_summary(man)) == "armor (block-hessian, output refit)"
     assert main(["report", "--artifact", str(out)]) == 0
+
+
+def test_cli_refit_flag_overrides_the_preset():
+    from armor_export.cli import build_parser, solver_config
+
+    parse = lambda *a: solver_config(build_parser().parse_args(["prune", "--out", "x", *a]))  # noqa: E731
+    assert (parse("--preset", "quality", "--refit", "none").refit, parse("--preset", "quality").refit) == (
+        "none", "output")
+    assert (parse().refit, parse("--refit", "output").refit, parse("--objective", "block-hessian").refit) == (
+        "none", "output", "none")
 
 
 def test_sequential_calibration_feeds_the_block_objective(tiny_model_dir, tiny_text_dir, tmp_path):
