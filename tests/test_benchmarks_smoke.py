@@ -143,3 +143,19 @@ def test_solver_speed_smoke_reference_reaches_the_same_loss():
         assert r["ours_loss"] < r["loss_start"]
         assert r["ref_ms"] > 0 and r["ours_ms"] > 0 and r["preset_ms"] >= r["ours_ms"] * 0.5
     assert res["whole_model"]["sparse_rounds"] >= 1 and res["whole_model"]["projected_s"] > 0
+
+
+def test_refit_ablation_smoke(tiny_model_dir, tiny_text_dir, tmp_path):
+    """The refit ablation on the tiny model: the refit never raises a baseline's output loss; JSON written."""
+    import json
+
+    from benchmarks.refit_ablation import main
+
+    out = tmp_path / "abl.json"
+    res = main(["--model", str(tiny_model_dir), "--methods", "nowag,sparsegpt", "--block-size", "8", "--calib-text",
+                str(tiny_text_dir / "calib"), "--calib-samples", "4", "--calib-seqlen", "32", "--eval-text",
+                str(tiny_text_dir / "eval"), "--eval-windows", "2", "--eval-seqlen", "32", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    for r in res["runs"]:
+        assert r["mean_output_loss_after"] < r["mean_output_loss_before"], r["method"]
+        assert r["ppl_before"] > 0 and r["ppl_after"] > 0
