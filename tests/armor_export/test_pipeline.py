@@ -153,19 +153,25 @@ def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_
         assert cfg[key] == PRESETS["cpu"][key], key
 
 
-def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
-    """--objective block-hessian end to end: blocks-only calibration, manifest, losses, report label."""
-    from armor_export.cli import main
-    from solver.methods import Problem, solve
-
-    seen = []
-    real = pipeline.collect_stats
+@pytest.fixture
+def calib_calls(monkeypatch):
+    """(full, hessian_block) of every calibration pass the test makes through the pipeline; the passes still run."""
+    seen, real = [], pipeline.collect_stats
 
     def spy(*a, **kw):
         seen.append((kw["full"], kw.get("hessian_block")))
         return real(*a, **kw)
 
     monkeypatch.setattr(pipeline, "collect_stats", spy)
+    return seen
+
+
+def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny_text_dir, tmp_path, calib_calls):
+    """--objective block-hessian end to end: blocks-only calibration, manifest, losses, report label."""
+    from armor_export.cli import main
+    from solver.methods import Problem, solve
+
+    seen = calib_calls
     out = tmp_path / "blk"
     argv = ["prune", "--model", str(tiny_model_dir), "--block-size", "8", "--iterations", "4", "--objective",
             "block-hessian", "--hessian-damp", "0.02", "--calib-text", str(tiny_text_dir / "calib"),
@@ -179,7 +185,7 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
     calib = CalibConfig(text=str(tiny_text_dir / "calib"), samples=2, seqlen=16)
     tokens = pipeline.calibration_windows(loaded.tokenizer, calib)
     name = man["targets"][0]
-    st = real(loaded, [name], tokens, full=True, progress=False)[name]
+    st = pipeline.collect_stats(loaded, [name], tokens, full=True, progress=False)[name]
     cfg = SolverConfig.from_dict(man["solver_config"])
     r = solve("armor", [Problem(name, loaded.model.get_submodule(name).weight.detach().float(), st)], cfg)[0]
     assert man["layers"][name]["loss_final"] == pytest.approx(r.report.loss_final, rel=1e-3)
@@ -193,17 +199,10 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
 
 
 def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model_dir, tiny_text_dir, tmp_path,
-                                                                     monkeypatch):
+                                                                     calib_calls):
     from armor_export.cli import main
 
-    seen = []
-    real = pipeline.collect_stats
-
-    def spy(*a, **kw):
-        seen.append((kw["full"], kw.get("hessian_block")))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    seen = calib_calls
     out = tmp_path / "refit"
     argv = ["prune", "--model", str(tiny_model_dir), "--preset", "quality", "--block-size", "8", "--iterations", "4",
             "--refit-rounds", "2", "--calib-text",
