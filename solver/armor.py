@@ -292,14 +292,12 @@ def _finish(name: str, start: dict, raw: dict, seconds: float, cfg: SolverConfig
     return LayerResult(fact, report)
 
 
-def output_refit(name: str, W: torch.Tensor, H: torch.Tensor | None, start: dict, res: LayerResult,
+def output_refit(name: str, W: torch.Tensor, H: torch.Tensor, start: dict, res: LayerResult,
                  cfg: SolverConfig) -> LayerResult:
     """cfg.refit == "output": refit the factors with the lower output loss, ARMOR's or the NoWag-P start's
     (W masked), with their mask fixed. The report's losses become output losses, so loss_final <= loss_start
-    still holds (the refit never raises the loss of what it starts from); the BCD's go to notes."""
-    if H is None:
-        raise ValueError(f"{name}: --refit output needs the layer's full input Hessian (calibrate with full "
-                         f"statistics, or run without the refit)")
+    still holds (the refit never raises the loss of what it starts from); the BCD's go to notes. solve_layers
+    has checked that every layer has its full H before any solve starts."""
     t0 = time.perf_counter()
     dev = torch.device(cfg.device)
     W, H = W.float().to(dev), H.float().to(dev)
