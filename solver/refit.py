@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from solver.blockdiag import left_mul, right_mul
+from solver.blockdiag import left_mul, product, right_mul
 
 
 def output_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -78,7 +78,7 @@ def _cg(apply, rhs_residual: torch.Tensor, x: torch.Tensor, precond: torch.Tenso
     return x
 
 
-def refit_values(W, A, S, B, H, mask, WH, iters: int = 10, tol: float = 1e-4) -> torch.Tensor:
+def refit_values(A, S, B, H, mask, WH, iters: int = 10, tol: float = 1e-4) -> torch.Tensor:
     """S minimising L over the entries where mask is True (A, B fixed); H is the (damped) Hessian, WH = W H."""
     P = _t(A) @ A  # A^T A, block-diagonal [n0, b, b]
     Bt = _t(B)
@@ -92,7 +92,7 @@ def refit_values(W, A, S, B, H, mask, WH, iters: int = 10, tol: float = 1e-4) ->
     return _cg(apply, r, S, precond, iters, tol)
 
 
-def refit_output_wrapper(W, A, S, B, H, WH, damp: float = 1e-6) -> torch.Tensor:
+def refit_output_wrapper(A, S, B, H, WH, damp: float = 1e-6) -> torch.Tensor:
     """A minimising L with S, B fixed: per output block p, A_p = (W_p H Y_p^T)(Y_p H Y_p^T)^-1, Y = S B.
 
     A block whose b x b Gram is not positive definite (even with damp . mean diagonal added) keeps its value."""
@@ -117,7 +117,7 @@ def _diag_blocks(X: torch.Tensor, Y: torch.Tensor, b: int) -> torch.Tensor:
     return X.reshape(d // b, b, k) @ Y.reshape(k, d // b, b).transpose(0, 1)
 
 
-def refit_input_wrapper(W, A, S, B, H, WH, iters: int = 5, tol: float = 1e-4) -> torch.Tensor:
+def refit_input_wrapper(A, S, B, H, WH, iters: int = 5, tol: float = 1e-4) -> torch.Tensor:
     """B minimising L over block-diagonal B (A, S fixed), by CG over B's blocks; returns new blocks."""
     n1, b, _ = B.shape
     Z = left_mul(A, S)
@@ -147,16 +147,16 @@ def refit(W: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, H:
                          f"got {tuple(H.shape)}")
     Hd = damped(H, damp, name)
     mask = S != 0
-    before = output_loss(W, left_mul(A, right_mul(S, B)), H) if loss_before is None else loss_before
+    before = output_loss(W, product(A, S, B), H) if loss_before is None else loss_before
     WH = W @ Hd
     A1, S1, B1 = A.clone(), S.clone(), B.clone()
     for _ in range(rounds):
-        S1 = refit_values(W, A1, S1, B1, Hd, mask, WH, value_iters)
-        A1 = refit_output_wrapper(W, A1, S1, B1, Hd, WH)
+        S1 = refit_values(A1, S1, B1, Hd, mask, WH, value_iters)
+        A1 = refit_output_wrapper(A1, S1, B1, Hd, WH)
         if wrapper_iters:
-            B1 = refit_input_wrapper(W, A1, S1, B1, Hd, WH, wrapper_iters)
+            B1 = refit_input_wrapper(A1, S1, B1, Hd, WH, wrapper_iters)
     finite = all(bool(torch.isfinite(x).all()) for x in (A1, S1, B1))
-    after = output_loss(W, left_mul(A1, right_mul(S1, B1)), H) if finite else float("nan")
+    after = output_loss(W, product(A1, S1, B1), H) if finite else float("nan")
     if not after <= before:
         return A, S, B, {"loss_before": before, "loss_after": before, "accepted": False}
     S1 = torch.where(mask, S1, torch.zeros((), dtype=S1.dtype, device=S1.device))

@@ -42,7 +42,7 @@ def test_values_step_is_the_masked_least_squares_optimum():
     A, B = _wrappers(8, 16, b)
     M = mask_24(torch.randn(8, 16, generator=torch.Generator().manual_seed(3)).abs())
     Hd = damped(H, 0.01)
-    S = refit_values(W, A, W * M, B, Hd, M, W @ Hd, iters=400, tol=1e-9)
+    S = refit_values(A, W * M, B, Hd, M, W @ Hd, iters=400, tol=1e-9)
     Ad, Bd = to_dense(A).double(), to_dense(B).double()
     # vec(A S B) = (B^T kron A) vec(S) in column-major vec; loss = |(Hd^1/2 kron I)(vec W - K vec S)|^2
     K = torch.kron(Bd.T.contiguous(), Ad)
@@ -62,7 +62,7 @@ def test_output_wrapper_step_zeroes_the_gradient_in_A():
     b = 8
     A, B = _wrappers(16, 24, b)
     S = W * mask_24(W.abs())
-    A2 = refit_output_wrapper(W, A, S, B, H, W @ H)
+    A2 = refit_output_wrapper(A, S, B, H, W @ H)
     # dL/dA = -2 (W - A S B) H (S B)^T, restricted to A's diagonal blocks, must vanish at the optimum
     Y = right_mul(S, B).double()
     E = W.double() - left_mul(A2.double(), Y)
@@ -76,7 +76,7 @@ def test_input_wrapper_step_converges_to_the_block_optimum():
     b = 8
     A, B = _wrappers(16, 24, b)
     S = W * mask_24(W.abs())
-    B2 = refit_input_wrapper(W, A, S, B, H, W @ H, iters=300, tol=1e-10)
+    B2 = refit_input_wrapper(A, S, B, H, W @ H, iters=300, tol=1e-10)
     Z = left_mul(A, S).double()
     E = W.double() - Z @ to_dense(B2).double()
     grad = torch.stack([(Z.T @ E @ H.double())[q * b:(q + 1) * b, q * b:(q + 1) * b] for q in range(3)])
