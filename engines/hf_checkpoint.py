@@ -285,3 +285,15 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
         n_sparse = sum(bool(m.to_semi_structured()) for m in model.modules() if isinstance(m, ArmorLinear))
     model.eval()
     return model, cfg, n_sparse
+
+
+def checkpoint_logits(ckpt_dir: Path, tokens: torch.Tensor, *, device: str = "cpu", dtype=None,
+                      semi_structured: bool = False) -> tuple[torch.Tensor, int]:
+    """Logits (fp32, CPU) of the checkpoint in the plain PyTorch runtime on ``device``; the second value
+    counts the S tensors that ran as semi-structured sparse (0 on CPU)."""
+    from engines.parity import model_logits
+
+    model, _, n_sparse = load_checkpoint_model(ckpt_dir, dtype=dtype, device=device, semi_structured=semi_structured)
+    logits = model_logits(model, tokens)
+    del model
+    return logits, n_sparse
