@@ -1,5 +1,5 @@
 """Command line: ``armor-export {prune, eval, export, verify, report, run}`` and the one-shot form
-``armor-export [--engine onnx|tensorrt|trtllm]`` (= ``run``): prune the model with ARMOR, evaluate
+``armor-export [--engine ENGINE]`` (= ``run``; ENGINE from the registry in ``engines``): prune the model with ARMOR, evaluate
 dense and pruned perplexity, lower the artifact to the engine, verify parity, print a summary.
 
 This file maps flags to stage configs and calls ``armor_export.pipeline``; nothing else.
@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("onnx", "tensorrt", "trtllm")
+from engines import LOWERINGS
+
+ENGINES = tuple(LOWERINGS)  # the registry's names (importing ``engines`` loads no backend)
 DEFAULT_OUT = Path("armor-out")
 
 
@@ -182,19 +184,39 @@ def cmd_eval(a) -> int:
     return 0
 
 
+PARITY_WINDOWS = 4  # verify: held-out windows (of --eval-seqlen tokens) compared engine vs PyTorch
+
+
+def parity_tokens(artifact: Path, ecfg) -> tuple[tuple[int, ...], ...]:
+    """The held-out text tokenised with the artifact's tokenizer, for ExportConfig.parity_tokens."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from armor_export import pipeline
+
+    tok = AutoTokenizer.from_pretrained(artifact, local_files_only=True)
+    ids = pipeline.eval_windows(tok, replace(ecfg, windows=min(ecfg.windows, PARITY_WINDOWS))).token_ids
+    return tuple(tuple(int(t) for t in row) for row in ids.tolist())
+
+
 def cmd_export(a) -> int:
     from engines import get_lowering
+    from engines.base import ExportConfig
 
-    path = get_lowering(a.sub_engine).lower(a.artifact, a.out, dtype=a.dtype, overwrite=a.overwrite)
-    print(f"wrote {path}")
+    cfg = ExportConfig(dtype=a.dtype, overwrite=a.overwrite)
+    low = get_lowering(a.sub_engine)
+    low.requires(a.artifact, cfg)
+    print(f"wrote {low.lower(a.artifact, a.out, cfg)}")
     return 0
 
 
 def cmd_verify(a) -> int:
     from engines import get_lowering
+    from engines.base import ExportConfig
 
-    res = get_lowering(a.sub_engine).verify(a.artifact, a.engine_dir, report_dir=a.report_dir,
-                                            eval_cfg=eval_config(a))
+    cfg = ExportConfig(report_dir=a.report_dir, parity_tokens=parity_tokens(a.artifact, eval_config(a)))
+    res = get_lowering(a.sub_engine).verify(a.artifact, a.engine_dir, cfg)
     print(json.dumps({"passed": res.get("passed"), "report": res.get("report_path")}))
     return 0 if res.get("passed") else 1
 
@@ -211,6 +233,14 @@ def cmd_run(a) -> int:
 
     engine = getattr(a, "sub_engine", None) or a.engine
     out: Path = a.out
+    low = None
+    if engine is not None:  # the engine's family/feature check runs before any work
+        from engines import get_lowering
+        from engines.base import ExportConfig
+        from armor_export.models import resolve_model
+
+        low = get_lowering(engine)
+        low.requires(resolve_model(a.model), ExportConfig())
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
@@ -225,12 +255,10 @@ def cmd_run(a) -> int:
     model, tok, _ = pipeline.load_artifact_model(art)
     summary["pruned"] = pipeline.evaluate(model, tok, ecfg, desc="perplexity (pruned)")
     del model
-    if engine is not None:
-        from engines import get_lowering
-
-        low = get_lowering(engine)
-        engine_dir = low.lower(art, out / engine, overwrite=True)
-        summary["verify"] = low.verify(art, engine_dir, report_dir=out / engine, eval_cfg=ecfg)
+    if low is not None:
+        engine_dir = low.lower(art, out / engine, ExportConfig(overwrite=True))
+        summary["verify"] = low.verify(art, engine_dir, ExportConfig(report_dir=out / engine,
+                                                                     parity_tokens=parity_tokens(art, ecfg)))
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_run_summary(out, art, summary)
     report.print_run_summary(art, summary)

@@ -11,7 +11,7 @@ import importlib
 # name -> (module, attribute); resolved only when asked for.
 LOWERINGS = {
     "torch": ("engines.torch_module", "TorchLowering"),
-    "onnx": ("engines.onnx_export", "OnnxLowering"),
+    "onnx": ("engines.onnx_engine", "OnnxLowering"),
     "genai": ("engines.genai", "GenaiLowering"),
     "tensorrt": ("engines.tensorrt", "TensorRTLowering"),
     "trtllm": ("engines.trtllm", "TrtllmLowering"),

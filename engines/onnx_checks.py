@@ -102,6 +102,16 @@ def check_s_initializers(path, *, suffix: str = ".S") -> dict:
             "layers": results}
 
 
+def s_check(path, expected: int, where: str = ""):
+    """One parity Check: every S initializer of the model at ``path`` passes and there are ``expected`` of them."""
+    from engines.parity import Check
+
+    rep = check_s_initializers(path)
+    return Check(f"S initializers 2:4 along K, +0.0 zeros, fed to MatMul{f' ({where})' if where else ''}",
+                 f"{rep['count'] - len(rep['failures'])}/{rep['count']}", f"all {expected} S initializers pass",
+                 rep["passed"] and rep["count"] == expected, {"failures": rep["failures"][:20]})
+
+
 def op_counts(path) -> dict[str, int]:
     import onnx
 

@@ -7,10 +7,10 @@ inference, and the S-initializer check of ``engines.onnx_checks``. ``dense=True`
 artifact's source model (dense weights from the manifest's source folder; the merged A.S.B when that
 folder is gone) through the same graph, so dense and ARMOR compare in the same runtime.
 
-``OnnxLowering.lower`` writes ``<out>/logits`` (the requested dtype, default fp32) and
-``<out>/genai`` (fp32 KV-cache decoder as an onnxruntime-genai folder); ``verify`` lives in
-``engines.onnx_verify``. The graph precision is carried by the initializers (strongly typed
-TensorRT 11 reads it from there).
+``requires`` checks the family's features against the graph (``engines.onnx_graph.SUPPORTED``) from
+``config.json`` alone, so the one-shot run calls it on the model folder before pruning. The engines
+built on this module are ``engines.onnx_engine`` ("onnx"), ``engines.genai`` and ``engines.tensorrt``.
+The graph precision is carried by the initializers (strongly typed TensorRT 11 reads it from there).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from armor_export.adapters import model_facts
 from armor_export.artifact import Artifact, load_artifact
 from armor_export.fsutil import atomic_dir
-from engines.onnx_graph import DTYPES, FAMILIES, DecoderGraph, GraphSpec, LinearWeights
+from engines.onnx_graph import IR_DTYPES, DecoderGraph, GraphSpec, LinearWeights, check_onnx_features
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -60,11 +61,11 @@ def collect_linears(art: Artifact, config, *, dense: bool) -> tuple[dict[str, Li
             lin[name] = LinearWeights(src[f"{name}.weight"], None, None, src.get(f"{name}.bias", lf.bias), dense=True)
         else:
             lin[name] = LinearWeights(product(f.A_blocks, f.S, f.B_blocks), None, None, lf.bias, dense=True)
-    proj = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-           [f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    for i in range(config.num_hidden_layers):
-        for p in proj:
-            name = f"model.layers.{i}.{p}"
+    facts = model_facts(config)
+    fam = facts.family
+    for i in range(facts.num_layers):
+        for p in (*fam.qkv, fam.o_proj, *fam.gate_up, fam.down_proj):
+            name = facts.layer(i, p)
             if name not in lin:
                 w = art.base.get(f"{name}.weight")
                 if w is None:
@@ -73,15 +74,22 @@ def collect_linears(art: Artifact, config, *, dense: bool) -> tuple[dict[str, Li
     return lin, how
 
 
-def requires(artifact_dir) -> None:
-    """Raise ValueError when this artifact cannot be lowered to ONNX (family, 2:4 of S)."""
-    from armor_export.artifact import read_manifest
+def read_config(folder):
+    """The transformers config of an artifact or model folder (config.json is all ``requires`` reads)."""
+    from transformers import AutoConfig
 
-    man = read_manifest(Path(artifact_dir))
-    mt = man.get("source", {}).get("model_type") or json.loads((Path(artifact_dir) / "config.json").read_text())[
-        "model_type"]
-    if mt not in FAMILIES:
-        raise ValueError(f"ONNX lowering supports model types {FAMILIES}; this artifact is {mt!r}")
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (pass an artifact or model folder)")
+    return AutoConfig.from_pretrained(folder)
+
+
+def requires(folder, engine: str = "onnx", dtypes=tuple(IR_DTYPES), dtype: str | None = None):
+    """Raise (UnsupportedFeature / ValueError, one line naming family, feature and engine) when the model in
+    ``folder`` (artifact or source model) cannot be lowered to this engine's ONNX graph; return its facts."""
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype}: the {engine!r} engine writes {'/'.join(dtypes)} graphs")
+    return check_onnx_features(read_config(folder), engine, str(Path(folder) / "config.json"))
 
 
 def export_onnx(artifact_dir, out_dir, *, dtype: str = "fp32", form: str = "logits", dense: bool = False,
@@ -95,6 +103,7 @@ def export_onnx(artifact_dir, out_dir, *, dtype: str = "fp32", form: str = "logi
     requires(artifact_dir)
     art = load_artifact(Path(artifact_dir))
     config = AutoConfig.from_pretrained(art.path)
+    facts = model_facts(config)
     linears, how = collect_linears(art, config, dense=dense)
     model = DecoderGraph(config, spec, linears, art.base).build()
     t_build = time.perf_counter() - t0
@@ -103,9 +112,9 @@ def export_onnx(artifact_dir, out_dir, *, dtype: str = "fp32", form: str = "logi
         t_save = time.perf_counter() - t0 - t_build
         checks = check_written(tmp / MODEL_FILE, dense=dense) if check else {}
         meta = {"dtype": dtype, "form": form, "dense": dense, "weights": how, "opset": model.opset_imports[""],
-                "model_type": config.model_type, "num_layers": config.num_hidden_layers,
-                "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-                "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                "model_type": config.model_type, "num_layers": facts.num_layers,
+                "num_key_value_heads": facts.kv_heads, "head_dim": facts.head_dim,
+                "sliding_windows": list(facts.windows), "features": sorted(facts.features()),
                 "inputs": [v.name for v in model.graph.inputs], "outputs": [v.name for v in model.graph.outputs],
                 "artifact": str(Path(artifact_dir).resolve()), "checks": checks,
                 "seconds": {"build": round(t_build, 2), "save": round(t_save, 2),
@@ -136,32 +145,3 @@ def check_written(path: Path, *, dense: bool) -> dict:
 def read_meta(folder) -> dict:
     p = Path(folder) / META_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
-
-
-class OnnxLowering:
-    """The "onnx" engine (see the module docstring)."""
-
-    name = "onnx"
-
-    def requires(self, artifact_dir) -> None:
-        requires(artifact_dir)
-
-    def lower(self, artifact_dir, out_dir, *, dtype: str | None = None, overwrite: bool = False,
-              genai: bool = True) -> Path:
-        from engines.genai import build_genai_folder
-
-        dtype = dtype or "fp32"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        artifact_dir = Path(getattr(artifact_dir, "path", artifact_dir))
-        with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
-            export_onnx(artifact_dir, tmp / "logits", dtype=dtype, form="logits")
-            if genai:
-                build_genai_folder(artifact_dir, tmp / "genai")
-        return Path(out_dir)
-
-    def verify(self, artifact_dir, engine_dir, *, report_dir=None, eval_cfg=None, **kw) -> dict:
-        from engines.onnx_verify import verify_onnx
-
-        artifact_dir = Path(getattr(artifact_dir, "path", artifact_dir))
-        return verify_onnx(artifact_dir, Path(engine_dir), report_dir=report_dir, eval_cfg=eval_cfg, **kw)

@@ -1,7 +1,8 @@
-"""Build the ONNX graph of a Llama-family decoder with ARMOR linears, directly with onnx-ir.
+"""Build the ONNX graph of a decoder with ARMOR linears, directly with onnx-ir, for every family in
+``armor_export.adapters`` (the family table and ``model_facts`` give every fact the graph depends on).
 
 Why onnx-ir and not ``torch.onnx.export`` or the genai model builder: the graph is small and
-regular (embedding, RMSNorm, RoPE, GQA attention, SiLU MLP), so writing it op by op gives exactly
+regular (embedding, RMSNorm, RoPE, GQA attention, gated MLP), so writing it op by op gives exactly
 the pattern TensorRT and Polygraphy need (S a 2-D initializer feeding MatMul through one Transpose),
 stable initializer names, no Einsum, no framework-generated reshape noise, and an export that costs
 only the time to write the weights (seconds instead of the dynamo exporter's ~146 s). The genai
@@ -12,14 +13,19 @@ Per pruned linear (x: [N, d_in], N = batch * seq tokens, kept 2-D through the de
     Reshape [N, n1, b] -> Transpose [n1, N, b] -> MatMul(., {fqn}.B_t [n1, b, b]) -> Transpose -> Reshape
     -> MatMul(., Transpose({fqn}.S))        # S [d_out, d_in] initializer, 2:4 along d_in (= K)
     -> (same block product with {fqn}.A_t) -> Add {fqn}.bias
-``B_t``/``A_t`` hold the blocks transposed (x . B^T per block). Identity A/B produce no nodes.
-Every other op runs in the graph dtype except RMSNorm statistics and softmax, done in fp32 as
-PyTorch does. Forms: "logits" (input_ids, attention_mask -> logits) and "kv" (adds position_ids,
-past_key_values.{i}.key/value -> present.{i}.key/value; the onnxruntime-genai decoder layout).
+``B_t``/``A_t`` hold the blocks transposed (x . B^T per block). Identity A/B produce no nodes. Fused
+projections (Phi-3 ``qkv_proj`` / ``gate_up_proj``) are lowered as one linear and split after it.
+Family features: q/k RMSNorm per head (Qwen3), per-layer sliding windows (a key is visible when
+``q_pos - k_pos < window``, as transformers masks), attention and final soft-capping, the RMSNorm
+offset and embedding scale (Gemma 2), sandwich norms, SiLU or tanh-GELU. Every other op runs in the
+graph dtype except RMSNorm statistics, soft-capping and softmax, done in fp32 as PyTorch does. Forms:
+"logits" (input_ids, attention_mask -> logits) and "kv" (adds position_ids, past_key_values.{i}.key/value
+-> present.{i}.key/value = concat(past, new); the onnxruntime-genai decoder layout).
 This module only builds the in-memory model; writing and checking is in ``engines.onnx_export``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +34,22 @@ import torch
 from onnx_ir import tape as ir_tape
 from onnx_ir.tensor_adapters import TorchTensor
 
+from armor_export.adapters import ModelFacts, check_features, model_facts
+from engines.parity import DTYPES
+
 OPSET = 20  # TensorRT's parser supports opsets up to 20 (deployment-facts §2.6)
-DTYPES = {"fp32": (torch.float32, ir.DataType.FLOAT), "fp16": (torch.float16, ir.DataType.FLOAT16),
-          "bf16": (torch.bfloat16, ir.DataType.BFLOAT16)}
-FAMILIES = ("llama", "mistral", "qwen2")
+IR_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+# features of armor_export.adapters.ModelFacts.features() this graph expresses (RoPE: position-only types)
+SUPPORTED = frozenset({"rope:default", "rope:linear", "rope:llama3", "rope:yarn", "fused_qkv", "fused_gate_up",
+                       "qk_norm", "linear_bias", "sliding_window", "attn_softcap", "final_softcap", "norm_offset",
+                       "embed_scale", "sandwich_norm", "act:gelu_pytorch_tanh", "act:gelu_tanh"})
+
+
+def check_onnx_features(config, engine: str = "onnx", where: str = "") -> ModelFacts:
+    """The model's facts, or UnsupportedFeature naming family, feature and engine."""
+    facts = model_facts(config)
+    check_features(facts, engine, SUPPORTED, where)
+    return facts
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,8 @@ class GraphSpec:
     form: str = "logits"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in IR_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(IR_DTYPES)}, got {self.dtype!r}")
         if self.form not in ("logits", "kv"):
             raise ValueError(f"form must be 'logits' or 'kv', got {self.form!r}")
 
@@ -60,21 +78,19 @@ class DecoderGraph:
     """Accumulates nodes and initializers on an onnx-ir tape; ``build`` returns the ir.Model."""
 
     def __init__(self, config, spec: GraphSpec, linears: dict[str, LinearWeights], base: dict[str, torch.Tensor]):
-        if config.model_type not in FAMILIES:
-            raise ValueError(f"ONNX lowering supports model types {FAMILIES}, not {config.model_type!r}")
+        self.facts = check_onnx_features(config)
+        self.fam = self.facts.family
         self.cfg, self.spec, self.linears, self.base = config, spec, linears, base
-        self.tdtype, self.dtype = DTYPES[spec.dtype]
+        self.tdtype, self.dtype = DTYPES[spec.dtype], IR_DTYPES[spec.dtype]
         self.t = ir_tape.Tape()
-        self.H = config.num_attention_heads
-        self.KVH = getattr(config, "num_key_value_heads", None) or self.H
-        self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
+        self.H, self.KVH, self.D = self.facts.heads, self.facts.kv_heads, self.facts.head_dim
         self._consts: dict[str, ir.Value] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
-    def weight(self, name: str, t: torch.Tensor, *, plus_zero: bool = False) -> ir.Value:
+    def weight(self, name: str, t: torch.Tensor, *, plus_zero: bool = False, dtype=None) -> ir.Value:
         """An initializer in the graph dtype, referencing the torch tensor (no copy when possible).
         plus_zero: x + 0.0 turns every -0.0 into +0.0 and leaves all other values unchanged (S)."""
-        t = t.detach().to(self.tdtype).contiguous()
+        t = t.detach().to(dtype or self.tdtype).contiguous()
         if plus_zero:
             t = t + 0.0
         return self.t.initializer(TorchTensor(t, name=name), name=name)
@@ -93,6 +109,10 @@ class DecoderGraph:
     def cast(self, x, to: ir.DataType) -> ir.Value:
         """Casts only ever go between the graph dtype and fp32, so they vanish in an fp32 graph."""
         return x if self.dtype == ir.DataType.FLOAT else self.op("Cast", [x], {"to": to})
+
+    def split(self, x, sizes: list[int]) -> list[ir.Value]:
+        """Split the last axis of x [N, sum(sizes)] (the fused projections' outputs)."""
+        return self.t.op_multi_out("Split", [x, self.const(sizes)], {"axis": -1}, num_outputs=len(sizes))
 
     # ---- layers --------------------------------------------------------------------------------
     def block_product(self, x, blocks_t: ir.Value, n: int, b: int, d: int, name: str) -> ir.Value:
@@ -123,16 +143,29 @@ class DecoderGraph:
         y.name = f"{fqn}.out"  # probed by verify for per-layer parity
         return y
 
-    def rmsnorm(self, x, wname: str) -> ir.Value:
-        eps = float(getattr(self.cfg, "rms_norm_eps", 1e-6))
+    def rmsnorm(self, x, module: str) -> ir.Value:
+        """Llama: cast(x / rms) * w in the graph dtype; with the family's norm offset (Gemma) the
+        product (x / rms) * (offset + w) is taken in fp32 and cast afterwards, as transformers does."""
+        wname = f"{module}.weight"
         xf = self.cast(x, ir.DataType.FLOAT)
         var = self.op("ReduceMean", [self.op("Mul", [xf, xf]), self.const([-1])], {"keepdims": 1})
-        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps, np.float32)])])])
-        y = self.cast(self.op("Mul", [xf, inv]), self.dtype)
-        return self.op("Mul", [y, self.weight(wname, self.base[wname])])
+        eps = self.const(self.facts.rms_eps, np.float32)
+        normed = self.op("Mul", [xf, self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [var, eps])])])])
+        if self.fam.norm_offset:
+            w = self.op("Add", [self.weight(wname, self.base[wname], dtype=torch.float32),
+                                self.const(self.fam.norm_offset, np.float32)])
+            return self.cast(self.op("Mul", [normed, w]), self.dtype)
+        return self.op("Mul", [self.cast(normed, self.dtype), self.weight(wname, self.base[wname])])
+
+    def softcap(self, x_f32, cap: float) -> ir.Value:
+        """cap * tanh(x / cap) (fp32 in, fp32 out)."""
+        c = self.const(cap, np.float32)
+        return self.op("Mul", [self.op("Tanh", [self.op("Div", [x_f32, c])]), c])
 
     def rope_tables(self, pos):
-        """pos [B|1, T] int64 -> cos, sin [B|1, 1, T, D] in the graph dtype (computed in fp32)."""
+        """pos [B|1, T] int64 -> cos, sin [B|1, 1, T, D] in the graph dtype (computed in fp32).
+        inv_freq and the attention scaling come from transformers' RoPE initialiser for the config's
+        rope type (default, linear, llama3, yarn: all functions of the position only)."""
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         rope = LlamaRotaryEmbedding(self.cfg)
@@ -156,12 +189,22 @@ class DecoderGraph:
         rot = self.op("Concat", [self.op("Neg", [x2]), x1], {"axis": -1})
         return self.op("Add", [self.op("Mul", [x, cos]), self.op("Mul", [rot, sin])])
 
+    def qkv(self, x, i: int):
+        f = self.facts
+        names = [f.layer(i, n) for n in self.fam.qkv]
+        if self.fam.fused_qkv:
+            return self.split(self.linear(x, names[0]), [f.q_dim, f.kv_dim, f.kv_dim])
+        return [self.linear(x, n) for n in names]
+
     def attention(self, x, i: int, ctx: dict):
-        p = f"model.layers.{i}.self_attn"
-        H, D = self.H, self.D
-        q = self.op("Reshape", [self.linear(x, f"{p}.q_proj"), ctx["shape_q"]])  # [B, T, H, D]
-        k = self.op("Reshape", [self.linear(x, f"{p}.k_proj"), ctx["shape_kv"]])
-        v = self.op("Reshape", [self.linear(x, f"{p}.v_proj"), ctx["shape_kv"]])
+        H, D, f = self.H, self.D, self.facts
+        q, k, v = self.qkv(x, i)
+        q = self.op("Reshape", [q, ctx["shape_q"]])  # [B, T, H, D]
+        k = self.op("Reshape", [k, ctx["shape_kv"]])
+        v = self.op("Reshape", [v, ctx["shape_kv"]])
+        if self.fam.qk_norm:
+            q = self.rmsnorm(q, f.layer(i, self.fam.qk_norm[0]))
+            k = self.rmsnorm(k, f.layer(i, self.fam.qk_norm[1]))
         q = self.rotate(self.op("Transpose", [q], {"perm": [0, 2, 1, 3]}), ctx["cos"], ctx["sin"])
         k = self.rotate(self.op("Transpose", [k], {"perm": [0, 2, 1, 3]}), ctx["cos"], ctx["sin"])
         v = self.op("Transpose", [v], {"perm": [0, 2, 1, 3]})  # [B, KVH, T, D]
@@ -175,28 +218,57 @@ class DecoderGraph:
         v5 = self.op("Unsqueeze", [v, self.const([2])])
         kt = self.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})
         scores = self.op("Mul", [self.cast(self.op("MatMul", [q5, kt]), ir.DataType.FLOAT),
-                                 self.const(D ** -0.5, np.float32)])
-        scores = self.op("Where", [ctx["allowed"], scores,
+                                 self.const(f.attn_scale, np.float32)])
+        if f.attn_softcap:
+            scores = self.softcap(scores, float(f.attn_softcap))
+        scores = self.op("Where", [ctx["allowed"][f.windows[i]], scores,
                                    self.const(np.finfo(np.float32).min, np.float32)])
         probs = self.cast(self.op("Softmax", [scores], {"axis": -1}), self.dtype)
         out = self.op("MatMul", [probs, v5])  # [B, KVH, rep, T, D]
         out = self.op("Transpose", [self.op("Reshape", [out, ctx["shape_bhtd"]])], {"perm": [0, 2, 1, 3]})
         out = self.op("Reshape", [out, self.const([-1, H * D])])
-        return self.linear(out, f"{p}.o_proj")
+        return self.linear(out, f.layer(i, self.fam.o_proj))
+
+    def act(self, g):
+        if self.facts.activation == "silu":
+            return self.op("Mul", [g, self.op("Sigmoid", [g])])
+        # tanh GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in the graph dtype as PyTorch does
+        c = lambda v: self.cast(self.const(v, np.float32), self.dtype)  # noqa: E731
+        inner = self.op("Mul", [c(math.sqrt(2 / math.pi)),
+                                self.op("Add", [g, self.op("Mul", [c(0.044715), self.op("Mul", [g, self.op(
+                                    "Mul", [g, g])])])])])
+        return self.op("Mul", [self.op("Mul", [c(0.5), g]), self.op("Add", [c(1.0), self.op("Tanh", [inner])])])
 
     def mlp(self, x, i: int):
-        p = f"model.layers.{i}.mlp"
-        g = self.linear(x, f"{p}.gate_proj")
-        act = self.op("Mul", [g, self.op("Sigmoid", [g])])
-        return self.linear(self.op("Mul", [act, self.linear(x, f"{p}.up_proj")]), f"{p}.down_proj")
+        f = self.facts
+        names = [f.layer(i, n) for n in self.fam.gate_up]
+        if self.fam.fused_gate_up:
+            g, u = self.split(self.linear(x, names[0]), [f.intermediate, f.intermediate])
+        else:
+            g, u = self.linear(x, names[0]), self.linear(x, names[1])
+        return self.linear(self.op("Mul", [self.act(g), u]), f.layer(i, self.fam.down_proj))
+
+    def masks(self, q_pos, s0) -> dict:
+        """window (None = full causal) -> bool mask [B, 1, 1, T, S] of the keys each query may see."""
+        k_pos = self.op("Range", [self.const(0), s0, self.const(1)])
+        kk, qq = self.op("Unsqueeze", [k_pos, self.const([0])]), self.op("Unsqueeze", [q_pos, self.const([1])])
+        causal = self.op("LessOrEqual", [kk, qq])  # [T, S]
+        pad = self.op("Reshape", [self.op("Cast", [self._mask], {"to": ir.DataType.BOOL}),
+                                  self.const([0, 1, 1, 1, -1])])
+        out = {None: self.op("And", [causal, pad])}
+        for w in sorted({w for w in self.facts.windows if w is not None}):
+            recent = self.op("Less", [self.op("Sub", [qq, kk]), self.const(w)])  # q - k < window
+            out[w] = self.op("And", [self.op("And", [causal, recent]), pad])
+        return out
 
     # ---- whole model ---------------------------------------------------------------------------
     def build(self) -> ir.Model:
-        cfg, kv = self.cfg, self.spec.form == "kv"
+        f, fam, kv = self.facts, self.fam, self.spec.form == "kv"
         I64 = ir.DataType.INT64
         ids = ir.Value(name="input_ids", shape=ir.Shape(["batch_size", "sequence_length"]), type=ir.TensorType(I64))
         mask = ir.Value(name="attention_mask", shape=ir.Shape(["batch_size", "total_sequence_length"]),
                         type=ir.TensorType(I64))
+        self._mask = mask
         inputs = [ids, mask]
         ctx: dict = {"present": [], "past": []}
         shp = self.op("Shape", [ids])
@@ -215,7 +287,7 @@ class DecoderGraph:
             pos = ir.Value(name="position_ids", shape=ir.Shape(["batch_size", "sequence_length"]),
                            type=ir.TensorType(I64))
             inputs.append(pos)
-            for i in range(cfg.num_hidden_layers):
+            for i in range(f.num_layers):
                 pair = [ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(self.dtype),
                                  shape=ir.Shape(["batch_size", self.KVH, "past_sequence_length", self.D]))
                         for kind in ("key", "value")]
@@ -224,34 +296,38 @@ class DecoderGraph:
         else:
             pos = self.op("Unsqueeze", [q_pos, self.const([0])])
         ctx["cos"], ctx["sin"] = self.rope_tables(pos)
-        k_pos = self.op("Range", [self.const(0), s0, self.const(1)])
-        causal = self.op("LessOrEqual", [self.op("Unsqueeze", [k_pos, self.const([0])]),
-                                         self.op("Unsqueeze", [q_pos, self.const([1])])])  # [T, S]
-        pad = self.op("Reshape", [self.op("Cast", [mask], {"to": ir.DataType.BOOL}), self.const([0, 1, 1, 1, -1])])
-        ctx["allowed"] = self.op("And", [causal, pad])  # [B, 1, 1, T, S]
+        ctx["allowed"] = self.masks(q_pos, s0)
 
-        emb_name = "model.embed_tokens.weight"
+        emb_name = f"{fam.embed}.weight"
         emb = self.weight(emb_name, self.base[emb_name])
-        h = self.op("Reshape", [self.op("Gather", [emb, ids]), self.const([-1, cfg.hidden_size])])  # [N, hidden]
-        for i in range(cfg.num_hidden_layers):
-            a = self.attention(self.rmsnorm(h, f"model.layers.{i}.input_layernorm.weight"), i, ctx)
+        h = self.op("Reshape", [self.op("Gather", [emb, ids]), self.const([-1, f.hidden])])  # [N, hidden]
+        if fam.embed_scale:  # sqrt(hidden) rounded to the graph dtype, as transformers does
+            h = self.op("Mul", [h, self.cast(self.const(f.hidden ** 0.5, np.float32), self.dtype)])
+        for i in range(f.num_layers):
+            a = self.attention(self.rmsnorm(h, f.layer(i, fam.attn_norm)), i, ctx)
+            if fam.post_attn_norm:
+                a = self.rmsnorm(a, f.layer(i, fam.post_attn_norm))
             h = self.op("Add", [h, a])
-            m = self.mlp(self.rmsnorm(h, f"model.layers.{i}.post_attention_layernorm.weight"), i)
+            m = self.mlp(self.rmsnorm(h, f.layer(i, fam.mlp_norm)), i)
+            if fam.post_mlp_norm:
+                m = self.rmsnorm(m, f.layer(i, fam.post_mlp_norm))
             h = self.op("Add", [h, m])
-        h = self.rmsnorm(h, "model.norm.weight")
+        h = self.rmsnorm(h, fam.final_norm)
         if "lm_head" in self.linears:
             logits2d = self.linear(h, "lm_head")
         else:
-            head = emb if "lm_head.weight" not in self.base else self.weight("lm_head.weight", self.base["lm_head.weight"])
+            head = emb if f.tied_lm_head else self.weight("lm_head.weight", self.base["lm_head.weight"])
             logits2d = self.op("Gemm", [h, head], {"transB": 1})
+        if f.final_softcap:
+            logits2d = self.cast(self.softcap(self.cast(logits2d, ir.DataType.FLOAT), float(f.final_softcap)),
+                                 self.dtype)
         logits = self.op("Reshape", [logits2d, self.op("Concat", [shp, self.const([-1])], {"axis": 0})])
         logits.name = "logits"
         logits.type = ir.TensorType(self.dtype)
-        logits.shape = ir.Shape(["batch_size", "sequence_length", cfg.vocab_size])
-        for j, pv in enumerate(ctx["present"]):
+        logits.shape = ir.Shape(["batch_size", "sequence_length", f.vocab])
+        for pv in ctx["present"]:
             pv.type = ir.TensorType(self.dtype)
             pv.shape = ir.Shape(["batch_size", self.KVH, "total_sequence_length", self.D])
         graph = ir.Graph(inputs, [logits, *ctx["present"]], nodes=self.t.nodes, initializers=self.t.initializers,
-                         opset_imports={"": OPSET}, name=f"armor_{cfg.model_type}_{self.spec.form}")
+                         opset_imports={"": OPSET}, name=f"armor_{self.cfg.model_type}_{self.spec.form}")
         return ir.Model(graph, ir_version=10, producer_name="armor-export")
-

@@ -1,7 +1,10 @@
 """Parity measurements and the deployment parity report (parity.json + parity.md + parity.png).
 
+The leaf module every engine's verify shares: the dtype names (``DTYPES``), the per-dtype tolerance
+table of graph engines vs the fp32 PyTorch runtime (``TOLERANCES``), error statistics, the artifact's
+reference logits, default parity tokens, and the report writer. It imports no other engine module.
 A ``Check`` is one PASS/FAIL line with the value measured and the tolerance used; tolerances are
-chosen by the caller per precision and written into the report next to the value.
+chosen per precision and written into the report next to the value.
 """
 from __future__ import annotations
 
@@ -10,8 +13,21 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import platform
+from importlib import metadata
+
 import torch
 
+# the engines' precision names, once
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Floors/ceilings of an engine's output vs the artifact's fp32 PyTorch runtime, per engine precision; set from
+# measured baselines on the tiny family models and SmolLM2 (fp32: >= ~120 dB logits SQNR, identical greedy
+# tokens; fp16: ~60 dB tiny, ~45 dB SmolLM2; bf16: ~35 dB tiny).
+TOLERANCES = {
+    "fp32": {"layer_sqnr_db": 60.0, "logits_sqnr_db": 60.0, "max_rel": 1e-3, "top1": 0.999, "ppl_rel": 1e-4},
+    "fp16": {"layer_sqnr_db": 30.0, "logits_sqnr_db": 30.0, "max_rel": 5e-2, "top1": 0.95, "ppl_rel": 1e-2},
+    "bf16": {"layer_sqnr_db": 20.0, "logits_sqnr_db": 20.0, "max_rel": 2e-1, "top1": 0.85, "ppl_rel": 5e-2},
+}
 
 @dataclass
 class Check:
@@ -37,6 +53,72 @@ def error_stats(ref: torch.Tensor, test: torch.Tensor) -> dict:
     diff = (ref - test).abs()
     return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
             "max_rel": (diff.max() / ref.abs().max().clamp_min(1e-30)).item(), "sqnr_db": sqnr_db(ref, test)}
+
+
+def compare(ref: torch.Tensor, test: torch.Tensor) -> dict:
+    """error_stats plus top-1 agreement over the last axis (logits [..., vocab])."""
+    st = error_stats(ref, test)
+    st["top1_agreement"] = (ref.argmax(-1) == test.argmax(-1)).double().mean().item()
+    return st
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                            ids[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+
+def default_tokens(vocab: int, seqlen: int, windows: int = 2, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids [windows, seqlen] (parity when the caller passes no text)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (windows, seqlen), generator=g)
+
+
+def parity_tokens(cfg_tokens, facts, seqlen: int | None = None) -> torch.Tensor:
+    """The caller's token windows (ExportConfig.parity_tokens) or seeded random ids; by default longer than
+    every sliding window of the model (2 x window + 8 tokens) and at most its max positions."""
+    if cfg_tokens:
+        return torch.as_tensor([list(t) for t in cfg_tokens], dtype=torch.long)
+    longest = max([w for w in facts.windows if w] or [0])
+    n = seqlen or min(max(64, 2 * longest + 8), facts.max_positions)
+    return default_tokens(facts.vocab, n)
+
+
+@torch.no_grad()
+def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 CPU logits of an HF-style model, one window at a time."""
+    dev = next(model.parameters()).device
+    return torch.cat([model(input_ids=t[None].to(dev), attention_mask=torch.ones_like(t[None]).to(dev))
+                      .logits.float().cpu() for t in tokens])
+
+
+def versions(packages=("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai",
+                       "onnx-ir", "numpy", "polygraphy", "tensorrt", "tensorrt-llm", "armor-export")) -> dict:
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def logits_checks(ref: torch.Tensor, got: torch.Tensor, ids: torch.Tensor, tol: dict, what: str = "") -> list[Check]:
+    """Logits SQNR, max relative error, top-1 agreement and perplexity difference of ``got`` vs ``ref``
+    (both [windows, T, vocab], fp32) against one row of ``TOLERANCES``."""
+    st = compare(ref, got)
+    p_ref, p_got = perplexity(ref, ids), perplexity(got, ids)
+    rel = abs(p_got - p_ref) / p_ref
+    pre = f"{what}: " if what else ""
+    return [
+        Check(f"{pre}logits SQNR", st["sqnr_db"], f">= {tol['logits_sqnr_db']} dB", st["sqnr_db"] >= tol["logits_sqnr_db"],
+              st),
+        Check(f"{pre}logits max relative error (max abs diff / max abs ref)", st["max_rel"], f"<= {tol['max_rel']}",
+              st["max_rel"] <= tol["max_rel"], {"max_abs": st["max_abs"]}),
+        Check(f"{pre}top-1 agreement", st["top1_agreement"], f">= {tol['top1']}", st["top1_agreement"] >= tol["top1"]),
+        Check(f"{pre}perplexity relative difference", rel, f"<= {tol['ppl_rel']}", rel <= tol["ppl_rel"],
+              {"ppl_torch": p_ref, "ppl_engine": p_got, "windows": int(ids.shape[0]), "seqlen": int(ids.shape[1])}),
+    ]
 
 
 def _json_safe(x):

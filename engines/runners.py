@@ -1,7 +1,8 @@
 """Thin ONNX Runtime runners used by verify, tests and benchmarks.
 
 ``OrtRunner(path).run(feeds) -> {output name: ndarray}``; ``greedy_kv(runner, prompt_ids, n)`` runs
-greedy decoding with the KV-cache form (prefill once, then one token per step, past fed back).
+greedy decoding with the KV-cache form (prefill once, then one token per step, past fed back);
+``generate_genai(folder, prompt_ids, n)`` the same through onnxruntime-genai's client.
 No sessions are cached at module level; every runner owns its session.
 """
 from __future__ import annotations
@@ -69,3 +70,17 @@ def greedy_kv(runner: OrtRunner, prompt_ids, n_new: int, *, eos_token_id: int | 
 def logits_feeds(input_ids) -> dict:
     ids = np.asarray(input_ids, dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def generate_genai(folder, prompt_ids: list[int], n_new: int) -> list[int]:
+    """Greedy decoding of ``n_new`` tokens with onnxruntime_genai; returns the new tokens."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + n_new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(list(prompt_ids))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(prompt_ids):]

@@ -1,6 +1,6 @@
 """The 'tensorrt' engine: TensorRT engines built from the artifact's fp16/bf16 ONNX graph.
 
-``lower(artifact, out)`` writes
+``lower(artifact, out, cfg)`` (``engines.base``) writes
   out/onnx/               model.onnx + data from ``engines.onnx_export.export_onnx`` (checked: checker,
                           shape inference, 2:4 of every S initializer along K, direct MatMul feed)
   out/engine_sparse.plan  built with ``BuilderFlag.SPARSE_WEIGHTS``
@@ -26,6 +26,8 @@ import torch
 
 from armor_export.fsutil import atomic_dir
 from engines import trt_inspect
+from engines.base import ExportConfig
+from engines.onnx_export import requires
 
 INSTALL_HINT = ("TensorRT is not installed, so no engine was built. On a Linux machine with an NVIDIA GPU "
                 "(sm80+ for 2:4 sparse tactics) and a CUDA 12/13 driver: `pip install tensorrt` (the PyPI "
@@ -211,22 +213,19 @@ class TensorRTLowering:
     def __init__(self, settings: BuildSettings | None = None):
         self.settings = settings or BuildSettings()
 
-    def requires(self, artifact_dir: Path) -> None:
-        from engines.onnx_export import requires
+    def requires(self, artifact_dir: Path, cfg: ExportConfig = ExportConfig()) -> None:
+        """Family features against the ONNX graph and the dtype, from config.json (before any work)."""
+        requires(artifact_dir, self.name, dtypes=("fp16", "bf16"), dtype=cfg.dtype)
 
-        requires(artifact_dir)
-
-    def lower(self, artifact_dir: Path, out_dir: Path, *, dtype: str | None = None, overwrite: bool = False) -> Path:
+    def lower(self, artifact_dir: Path, out_dir: Path, cfg: ExportConfig = ExportConfig()) -> Path:
         from engines import EngineUnavailable
         from engines.onnx_export import MODEL_FILE, export_onnx
 
-        dtype = dtype or "fp16"
-        if dtype not in ("fp16", "bf16"):
-            raise ValueError(f"TensorRT engines are built from fp16 or bf16 ONNX, not {dtype!r}")
-        self.requires(artifact_dir)
+        self.requires(artifact_dir, cfg)
+        dtype = cfg.dtype or "fp16"
         out_dir = Path(out_dir)
         missing = None
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
             export_onnx(artifact_dir, tmp / "onnx", dtype=dtype, form="logits")  # checks S 2:4 + feed, raises if bad
             onnx_path = tmp / "onnx" / MODEL_FILE
             s_nodes = trt_inspect.s_matmul_nodes(onnx_path)
@@ -259,36 +258,35 @@ class TensorRTLowering:
         out["status"] = "built"
         return out
 
-    def verify(self, artifact_dir: Path, engine_dir: Path, *, report_dir: Path | None = None, eval_cfg=None) -> dict:
-        from engines.onnx_checks import check_s_initializers
-        from engines.onnx_export import MODEL_FILE
-        from engines.parity import Check, write_report
-        from engines.trtllm import artifact_logits, compare, parity_tokens
+    def verify(self, artifact_dir: Path, engine_dir: Path, cfg: ExportConfig = ExportConfig()) -> dict:
+        from armor_export.adapters import model_facts
+        from engines.onnx_checks import s_check
+        from engines.onnx_export import MODEL_FILE, read_config
+        from engines.parity import TOLERANCES, Check, logits_checks, model_logits, parity_tokens, write_report
+        from engines.torch_module import load_armor_model
 
         engine_dir = Path(engine_dir)
         build = json.loads((engine_dir / "build.json").read_text())
-        s_rep = check_s_initializers(engine_dir / "onnx" / MODEL_FILE)
-        checks = [Check("ONNX: every S 2:4 along K, fed straight into its MatMul", f"{s_rep['count']} S",
-                        "all pass", s_rep["passed"], {"failures": s_rep["failures"][:10]})]
+        model, art = load_armor_model(artifact_dir)
+        checks = [s_check(engine_dir / "onnx" / MODEL_FILE, len(art.layers), "TensorRT ONNX")]
         meta = {"engine": "tensorrt", "build": build}
+        report_dir = cfg.report_dir or engine_dir
         if build.get("status") != "built":
             checks.append(Check("TensorRT engine", build.get("status"), "needs tensorrt + GPU", False))
-            return write_report(report_dir or engine_dir, "ARMOR TensorRT parity", checks, meta)
+            return write_report(report_dir, "ARMOR TensorRT parity", checks, meta)
         sparsity = json.loads((engine_dir / "sparsity.json").read_text())
         for kind in ("sparse", "dense"):
             s = sparsity[kind]["summary"]
             checks.append(Check(f"{kind} engine: S MatMuls with a sparse tactic", f"{s['sparse']}/{s['s_matmuls']} "
                                 f"(dense {s['dense']}, unknown {s['unknown']})", "informational", True, s))
         if torch.cuda.is_available():
-            tokens = parity_tokens(artifact_dir, eval_cfg, vocab_size=None)
-            ref = artifact_logits(artifact_dir, tokens, torch.float32)
+            tokens = parity_tokens(cfg.parity_tokens, model_facts(read_config(artifact_dir)), cfg.parity_seqlen)
+            ref = model_logits(model, tokens)
+            tol = TOLERANCES[build["dtype"]]
             for kind in ("sparse", "dense"):
-                got = run_engine((engine_dir / f"engine_{kind}.plan").read_bytes(), tokens)
-                st = compare(ref, got)
-                checks.append(Check(f"{kind} engine logits vs PyTorch fp32: SQNR dB", st["sqnr_db"], ">= 30",
-                                    st["sqnr_db"] >= 30, st))
-                checks.append(Check(f"{kind} engine top-1 agreement", st["top1_agreement"], ">= 0.95",
-                                    st["top1_agreement"] >= 0.95))
+                got = torch.cat([run_engine((engine_dir / f"engine_{kind}.plan").read_bytes(), t[None])
+                                 for t in tokens])
+                checks += logits_checks(ref, got, tokens, tol, f"{kind} engine vs PyTorch fp32")
         else:
             checks.append(Check("engine logits parity", "no CUDA device: skipped", "needs a GPU", True))
-        return write_report(report_dir or engine_dir, "ARMOR TensorRT parity", checks, meta)
+        return write_report(report_dir, "ARMOR TensorRT parity", checks, meta)

@@ -113,10 +113,60 @@ def load_armor_model(artifact_dir, *, dtype: torch.dtype = torch.float32, device
 
 
 class TorchLowering:
-    """The 'torch' engine: the artifact loaded into PyTorch (nothing is written)."""
+    """The 'torch' engine: the artifact itself, loaded into PyTorch. ``lower`` loads it once and writes only
+    ``out/torch_runtime.json`` (artifact, dtype, ArmorLinear count, load time; the artifact is untouched);
+    ``verify`` compares the runtime at ``cfg.dtype`` with fp32 and reports into ``out``."""
 
     name = "torch"
 
-    def lower(self, artifact_dir, out_dir=None, **kw):
-        model, _ = load_armor_model(artifact_dir, **kw)
-        return model
+    def requires(self, artifact_dir, cfg=None) -> None:
+        import json
+        from pathlib import Path
+
+        from armor_export.adapters import family_for
+        from engines.parity import DTYPES
+
+        cfg_path = Path(artifact_dir) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{Path(artifact_dir)}: no config.json (pass an artifact or model folder)")
+        family_for(json.loads(cfg_path.read_text()).get("model_type"), str(cfg_path))
+        if cfg is not None and cfg.dtype is not None and cfg.dtype not in DTYPES:
+            raise ValueError(f"--dtype {cfg.dtype}: the 'torch' engine runs {'/'.join(DTYPES)}")
+
+    def lower(self, artifact_dir, out_dir, cfg=None):
+        import json
+        import time
+        from pathlib import Path
+
+        from armor_export.fsutil import atomic_dir
+        from engines.parity import DTYPES
+
+        self.requires(artifact_dir, cfg)
+        dtype = (cfg and cfg.dtype) or "fp32"
+        t0 = time.perf_counter()
+        model, _ = load_armor_model(artifact_dir, dtype=DTYPES[dtype])
+        rec = {"artifact": str(Path(artifact_dir).resolve()), "dtype": dtype,
+               "armor_linears": sum(isinstance(m, ArmorLinear) for m in model.modules()),
+               "load_seconds": round(time.perf_counter() - t0, 2),
+               "load": "engines.torch_module.load_armor_model(artifact, dtype=...)"}
+        with atomic_dir(Path(out_dir), overwrite=bool(cfg and cfg.overwrite)) as tmp:
+            (tmp / "torch_runtime.json").write_text(json.dumps(rec, indent=2) + "\n")
+        return Path(out_dir)
+
+    def verify(self, artifact_dir, engine_dir, cfg=None) -> dict:
+        from pathlib import Path
+
+        from armor_export.adapters import model_facts
+        from engines.base import ExportConfig
+        from engines.onnx_export import read_config
+        from engines.parity import DTYPES, TOLERANCES, Check, logits_checks, model_logits, parity_tokens, \
+            write_report
+
+        cfg = cfg or ExportConfig()
+        dtype = cfg.dtype or "fp32"
+        tokens = parity_tokens(cfg.parity_tokens, model_facts(read_config(artifact_dir)), cfg.parity_seqlen)
+        ref = model_logits(load_armor_model(artifact_dir)[0], tokens)
+        got = model_logits(load_armor_model(artifact_dir, dtype=DTYPES[dtype])[0], tokens)
+        checks: list[Check] = logits_checks(ref, got, tokens, TOLERANCES[dtype], f"PyTorch {dtype} vs fp32")
+        return write_report(Path(cfg.report_dir or engine_dir), f"PyTorch runtime parity ({dtype})",
+                            checks, {"engine": "torch", "dtype": dtype})

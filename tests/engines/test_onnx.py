@@ -169,11 +169,14 @@ def test_verify_report_pass_then_fail_on_corrupted_s(armor_art, fp32_logits, tin
     import onnx
     from onnx import numpy_helper
 
+    from armor_export.cli import parity_tokens
     from armor_export.config import EvalConfig
-    from engines.onnx_export import OnnxLowering
+    from engines.base import ExportConfig
+    from engines.onnx_engine import OnnxLowering
 
-    ecfg = EvalConfig(text=str(tiny_text_dir / "eval"), windows=2, seqlen=32)
-    good = OnnxLowering().verify(armor_art, fp32_logits, report_dir=tmp_path / "good", eval_cfg=ecfg)
+    toks = parity_tokens(armor_art, EvalConfig(text=str(tiny_text_dir / "eval"), windows=2, seqlen=32))
+    good = OnnxLowering().verify(armor_art, fp32_logits, ExportConfig(report_dir=tmp_path / "good",
+                                                                      parity_tokens=toks))
     assert good["passed"], good
     doc = json.loads((tmp_path / "good" / "parity.json").read_text())
     assert {c["name"].split(" (")[0] for c in doc["checks"]} >= {"logits SQNR", "top-1 agreement",
@@ -190,7 +193,7 @@ def test_verify_report_pass_then_fail_on_corrupted_s(armor_art, fp32_logits, tin
     t.CopyFrom(numpy_helper.from_array(arr, t.name))
     (bad_dir / "model.onnx.data").unlink()
     onnx.save(m, str(bad_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
-    bad = OnnxLowering().verify(armor_art, bad_dir, report_dir=tmp_path / "bad", eval_cfg=ecfg)
+    bad = OnnxLowering().verify(armor_art, bad_dir, ExportConfig(report_dir=tmp_path / "bad", parity_tokens=toks))
     assert not bad["passed"]
     failed = [k for k, ok in bad["checks"].items() if not ok]
     assert any(k.startswith("S initializers") for k in failed) and any("per-layer" in k for k in failed), failed

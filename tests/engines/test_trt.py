@@ -196,15 +196,17 @@ def test_cli_without_tensorrt_writes_checked_onnx_and_stops(small_artifact, tmp_
     assert meta["dtype"] == "fp16" and meta["checks"]["s_initializers"] == 14
     nodes = ti.s_matmul_nodes(out / "onnx" / "model.onnx")
     assert len(nodes) == 14 and all(nodes.values())
+    from engines.base import ExportConfig
     from engines.tensorrt import TensorRTLowering
 
-    res = TensorRTLowering().verify(small_artifact, out, report_dir=tmp_path / "rep")
+    res = TensorRTLowering().verify(small_artifact, out, ExportConfig(report_dir=tmp_path / "rep"))
     assert not res["passed"] and (tmp_path / "rep" / "parity.md").is_file()
 
 
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_build_sparse_and_dense_engines(small_artifact, tmp_path):
+    from engines.base import ExportConfig
     from engines.tensorrt import TensorRTLowering
 
     low = TensorRTLowering(BuildSettings(max_batch=2, max_seq=128, opt_points=((1, 16), (2, 128))))
@@ -213,5 +215,5 @@ def test_build_sparse_and_dense_engines(small_artifact, tmp_path):
         assert (out / f).is_file()
     sp = json.loads((out / "sparsity.json").read_text())
     assert sp["sparse"]["summary"]["s_matmuls"] == 14
-    res = low.verify(small_artifact, out, report_dir=tmp_path / "rep")
+    res = low.verify(small_artifact, out, ExportConfig(report_dir=tmp_path / "rep"))
     assert res["passed"], res
