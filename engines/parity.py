@@ -176,21 +176,3 @@ def _plot(path: Path, layer_sqnr: dict[str, float], title: str) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-@torch.no_grad()
-def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (fp32, CPU) of a Hugging Face causal LM for each token window ``tokens`` [n, T], one at a time."""
-    dev = next(model.parameters()).device
-    return torch.cat([model(input_ids=t[None].to(dev)).logits.float().cpu() for t in tokens])
-
-
-def compare(ref: torch.Tensor, test: torch.Tensor) -> dict:
-    """error_stats plus the share of positions whose arg-max token agrees."""
-    st = error_stats(ref, test)
-    st["top1_agreement"] = (ref.argmax(-1) == test.argmax(-1)).double().mean().item()
-    return st
-
-
-def random_tokens(vocab_size: int, windows: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """Seeded random token ids [windows, seqlen] from the vocabulary (parity without caller-given text)."""
-    return torch.randint(0, vocab_size, (windows, seqlen), generator=torch.Generator().manual_seed(seed))

@@ -5,7 +5,7 @@
 1. loads the checkpoint on CUDA in the plain PyTorch runtime with every S converted by
    ``torch.sparse.to_sparse_semi_structured`` (counts how many converted; needs sm80+ and fp16/bf16),
 2. compares its logits with the CPU fp32 reference (same checkpoint, dense S, upcast to fp32):
-   tolerances in ``GPU_TOLERANCES`` (fp16: SQNR >= 30 dB, top-1 >= 0.95; bf16: 20 dB, 0.85),
+   tolerances from ``engines.parity.TOLERANCES`` (fp16: SQNR >= 30 dB, top-1 >= 0.95; bf16: 20 dB, 0.85),
 3. with ``--trtllm`` also imports ``engines.trtllm_model`` (registering the ARMOR classes) and greedy-decodes a prompt with
    ``tensorrt_llm.LLM(model=dir)``, comparing the tokens with the PyTorch runtime's greedy tokens.
 Exit status 0 = all passed, 1 = a check failed, 2 = cannot run here (no CUDA). Uses the same
@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 
 from engines import hf_checkpoint as hfc
-from engines.parity import Check, compare, random_tokens
-
-GPU_TOLERANCES = {torch.float16: (30.0, 0.95), torch.bfloat16: (20.0, 0.85), torch.float32: (60.0, 0.99)}
+from engines.parity import DTYPES, TOLERANCES, Check, compare, default_tokens
 
 
 def gpu_parity(ckpt_dir: Path, tokens: torch.Tensor, *, reference: torch.Tensor | None = None,
@@ -39,7 +37,8 @@ def gpu_parity(ckpt_dir: Path, tokens: torch.Tensor, *, reference: torch.Tensor 
         {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg["torch_dtype"]]
     n_layers = len(cfg["armor"]["layers"])
     st = compare(reference, logits)
-    sq_tol, top1_tol = GPU_TOLERANCES[dt]
+    tol = TOLERANCES[next(k for k, v in DTYPES.items() if v == dt)]
+    sq_tol, top1_tol = tol["logits_sqnr_db"], tol["top1"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else device
     checks = [
         Check(f"GPU ({name}): S as semi-structured sparse", f"{n_sparse}/{n_layers}",
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = hfc.read_config(a.checkpoint)
     n, t = parse_tokens(a.tokens)
-    tokens = random_tokens(cfg["vocab_size"], n, t)
+    tokens = default_tokens(cfg["vocab_size"], t, n)
     res = gpu_parity(a.checkpoint, tokens, dtype=a.dtype)
     checks = res["checks"]
     if a.trtllm:

@@ -21,7 +21,7 @@ import torch
 from armor_export.adapters import FAMILIES, UnsupportedFeature, family_for, model_facts, target_names
 from engines import hf_checkpoint as hfc
 from engines.base import ExportConfig
-from engines.parity import compare, random_tokens
+from engines.parity import compare, default_tokens
 from engines.trtllm import REFUSED, TRTLLM_FAMILIES, TrtllmLowering, artifact_logits
 from engines.trtllm_linear import projection_plan
 
@@ -81,7 +81,7 @@ def test_checkpoint_loads_back_with_the_artifact_logits(family, tiny_model_dir, 
     art = _artifact(family, tiny_model_dir, tmp_path)
     facts = model_facts(AutoConfig.from_pretrained(art))
     assert facts.sliding or family in ("llama", "qwen3")  # the window is shorter than SEQ where the family has one
-    tokens = random_tokens(facts.vocab, 1, SEQ)
+    tokens = default_tokens(facts.vocab, SEQ, windows=1)
     ck = hfc.write_checkpoint(art, tmp_path / "ck32", dtype="fp32")
     assert hfc.schema_problems(ck) == []
     got, _ = hfc.checkpoint_logits(ck, tokens)
