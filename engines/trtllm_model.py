@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from armor_export.adapters import model_facts
 from engines.trtllm_linear import TensorParallelUnsupported, armorize, projection_plan
 
@@ -101,6 +103,7 @@ class ArmorModelMixin:
             raise ValueError(f"{type(self).__name__}: config.json has no 'armor' section; write the folder with "
                              "`armor-export export --engine trtllm`")
         dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None)
+        dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
         self.armor_plan = projection_plan(model_facts(cfg), armor["layers"])
         armorize(self, self.armor_plan, dtype)
 
