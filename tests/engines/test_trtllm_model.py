@@ -8,7 +8,6 @@ replaces; each is exercised on the module here.
 from __future__ import annotations
 
 import inspect
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,9 @@ import pytest
 import torch
 
 from engines.trtllm_linear import ArmorTrtllmLinear, Part, QUANT_PROBES, projection_plan
+
+# how objects travel to worker processes (the LLM API's workers get the model-class table pickled the same way)
+WORKER_PICKLER = "from multiprocessing.reduction import ForkingPickler as P"
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,25 +151,23 @@ def test_tensor_parallel_is_a_clear_error():
 
 
 def test_module_imports_by_qualified_name_and_pickles(qkv, tmp_path):
-    """A fresh process (as TensorRT-LLM's worker is) finds the class by its qualified name and unpickles it;
-    there, without TensorRT-LLM, importing the model module is one clear ImportError saying how to install."""
-    native_like, ws = qkv
-    mod = ArmorTrtllmLinear(native_like.parts)  # no native settings carried: only our own classes in the pickle
-    mod.load_weights(weights=ws)
-    (tmp_path / "m.pkl").write_bytes(pickle.dumps(mod))
-    code = ("import pickle, sys, importlib, torch; cls = getattr(importlib.import_module('engines.trtllm_linear'), "
-            "'ArmorTrtllmLinear'); m = pickle.loads(open(sys.argv[1], 'rb').read()); "
-            "assert type(m) is cls and pickle.loads(pickle.dumps(cls)) is cls; "
-            "print('tensorrt_llm' in sys.modules, m.out_features, float(m(torch.ones(1, 64)).sum()))\n"
+    """A fresh process (as TensorRT-LLM's worker is) unpickles the classes by their qualified name and builds a
+    working module from pickled parts; there, without TensorRT-LLM, importing the model module is one clear
+    ImportError saying how to install it."""
+    from multiprocessing.reduction import ForkingPickler
+
+    mod, _ = qkv
+    (tmp_path / "c.pkl").write_bytes(bytes(ForkingPickler.dumps((ArmorTrtllmLinear, Part, mod.parts))))
+    code = (f"{WORKER_PICKLER}; import sys, importlib, torch; lin = importlib.import_module('engines.trtllm_linear')\n"
+            "cls, part, parts = P.loads(open(sys.argv[1], 'rb').read())\n"
+            "assert cls is lin.ArmorTrtllmLinear and part is lin.Part and P.loads(P.dumps(cls)) is cls\n"
+            "m = cls(parts); m.create_weights(); print('tensorrt_llm' in sys.modules, m(torch.ones(2, 64)).shape[-1])\n"
             "try:\n    import engines.trtllm_model\n    print('imported')\n"
             "except ImportError as e:\n    print(type(e).__name__, 'pip install tensorrt-llm' in str(e))")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
-                       cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.pkl")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     first, second = r.stdout.strip().splitlines()
-    loaded, out, total = first.split()
-    assert loaded == "False" and out == "64"
-    assert float(total) == pytest.approx(float(mod(torch.ones(1, 64)).sum()), rel=1e-6)
+    assert first == "False 64"
     if __import__("importlib.util").util.find_spec("tensorrt_llm") is None:
         assert second == "TrtllmUnavailable True"
 
@@ -191,12 +191,42 @@ def test_projection_plan_follows_the_family_table():
 
 @pytest.mark.trtllm
 def test_model_classes_register_on_import_in_a_fresh_process():
-    code = ("import pickle, engines.trtllm_model as m; "
+    code = (f"{WORKER_PICKLER}; import engines.trtllm_model as m; "
             "from tensorrt_llm._torch.models.modeling_utils import MODEL_CLASS_MAPPING as M; "
             "from armor_export.adapters import FAMILIES; "
             "names = sorted(m.registered()); assert names, 'nothing registered'; "
-            "assert all(M[n] is getattr(m, n) and pickle.loads(pickle.dumps(M[n])) is M[n] for n in names); "
+            "assert all(M[n] is getattr(m, n) and P.loads(P.dumps(M[n])) is M[n] for n in names); "
             "assert set(names) <= {f.trtllm_architecture for f in FAMILIES.values()}; print(names)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ArmorLlamaForCausalLM" in r.stdout
+
+
+def test_trtllm_modules_import_no_pipeline_and_form_no_cycle():
+    """Every import, also inside functions: no armor_export.pipeline; no engine module imports one that
+    (directly or not) imports it back."""
+    import ast
+
+    mods = ("trtllm", "trtllm_gpu_check", "trtllm_linear", "trtllm_model", "hf_checkpoint", "parity", "torch_module",
+            "base")
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((ROOT / "engines" / f"{name}.py").read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                out.add(node.module)
+                if node.module == "engines":
+                    out |= {f"engines.{a.name}" for a in node.names}
+        return out
+
+    graph = {m: {i.removeprefix("engines.") for i in imports(m) if i.startswith("engines.")} & set(mods)
+             for m in mods}
+    assert not any("armor_export.pipeline" in imports(m) for m in mods)
+
+    def reaches(a: str, b: str, seen=()) -> bool:
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
+
+    assert not [m for m in mods if reaches(m, m)], graph
