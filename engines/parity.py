@@ -175,4 +175,3 @@ def _plot(path: Path, layer_sqnr: dict[str, float], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
