@@ -94,7 +94,15 @@ def copy_model_files(source_dir: Path, dest: Path) -> list[str]:
 
 def save_artifact(out: Path, *, layers: dict[str, LayerFactors], base: dict[str, torch.Tensor],
                   source_dir: Path, manifest: dict, overwrite: bool = False) -> Path:
-    """Write an artifact atomically; ``manifest`` is extended with format, layers and file hashes."""
+    """Write an artifact atomically; ``manifest`` is extended with format, layers and file hashes.
+
+    ``base`` must not hold tensors of a pruned linear (they live in the factors file); such a
+    tensor is refused here, before anything is written, instead of making the artifact unloadable."""
+    owned = tuple(f"{n}." for n in layers)
+    stray = sorted(k for k in base if k.startswith(owned))
+    if stray:
+        raise ArtifactError(f"{out}: base tensors {stray[:5]} belong to pruned linears; the base file holds "
+                            "only tensors no pruned linear owns (this is a bug in the caller, not in the model)")
     tensors: dict[str, torch.Tensor] = {}
     for name, lf in layers.items():
         tensors.update(layer_tensors(name, lf))

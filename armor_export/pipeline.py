@@ -160,11 +160,16 @@ def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] |
 def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, solver_cfg: SolverConfig,
                      calib: CalibConfig, progress: bool = True, store: LayerStore | None = None
                      ) -> dict[str, LayerFactors]:
-    """Block by block: calibrate on the already-pruned prefix, solve the block, swap it in."""
+    """Block by block: calibrate on the already-pruned prefix, solve the block, swap it in.
+
+    The pruned blocks are swapped in only for the calibration pass: the model's own linears are put
+    back afterwards (also on error), so ``loaded.model`` is the dense model again when this returns
+    and its state dict holds no ARMOR buffers (``S``, ``A_blocks``, ``B_blocks``)."""
     from engines.torch_module import ArmorLinear, set_submodule
 
     fam, out = loaded.family, {}
     request = stats_request(solver_cfg)
+    originals: dict[str, nn.Module] = {}
 
     def prune_block(i: int, block: nn.Module, bstats: dict[str, LayerStats]) -> None:
         prefix = f"{fam.layers_path}.{i}."
@@ -173,22 +178,29 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
         out.update(solve_dense(loaded, mine, stats, solver_cfg, store))
         for n in mine:
             lf = out[n]
+            originals[n] = loaded.model.get_submodule(n)
             set_submodule(block, n[len(prefix):], ArmorLinear(lf.factors.S, lf.factors.A_blocks,
                                                               lf.factors.B_blocks, lf.bias))
 
-    for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, mode="sequential", batch_size=calib.batch_size,
-                            prune_block=prune_block, progress=progress, **request):
-        pass
+    try:
+        for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, mode="sequential",
+                                batch_size=calib.batch_size, prune_block=prune_block, progress=progress, **request):
+            pass
+    finally:
+        for n, module in originals.items():
+            set_submodule(loaded.model, n, module)
     return out
 
 
 def base_tensors(model: nn.Module, names: list[str], lazy=None) -> dict[str, torch.Tensor]:
-    pruned = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+    """Every tensor of the model that no pruned linear owns (whatever that module holds: a dense
+    weight/bias, or any buffer), minus a tied lm_head."""
+    owned = tuple(f"{n}." for n in names)
     if lazy is not None:
         known = set(model.state_dict())  # the skeleton's names (layers on meta: no memory)
-        sd = lazy.read([k for k in lazy.keys() if k in known and k not in pruned])
+        sd = lazy.read([k for k in lazy.keys() if k in known and not k.startswith(owned)])
     else:
-        sd = {k: v for k, v in model.state_dict().items() if k not in pruned}
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith(owned)}
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     return sd

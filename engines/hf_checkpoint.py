@@ -33,12 +33,12 @@ import torch
 from armor_export.adapters import family_for, split_name
 from armor_export.artifact import Artifact, copy_model_files, load_artifact
 from armor_export.fsutil import atomic_dir
+from engines.parity import DTYPES
 from solver.sparsity import is_24, positive_zeros
 
 CKPT_FORMAT = "armor-export/hf-checkpoint"
 CKPT_VERSION = 1
 WEIGHTS = "model.safetensors"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
 FUSION_NOTE = ("unfused: q/k/v and gate/up have different input factors B, so each projection keeps its own "
@@ -285,3 +285,15 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
         n_sparse = sum(bool(m.to_semi_structured()) for m in model.modules() if isinstance(m, ArmorLinear))
     model.eval()
     return model, cfg, n_sparse
+
+
+def checkpoint_logits(ckpt_dir: Path, tokens: torch.Tensor, *, device: str = "cpu", dtype=None,
+                      semi_structured: bool = False) -> tuple[torch.Tensor, int]:
+    """Logits (fp32, CPU) of the checkpoint in the plain PyTorch runtime on ``device``; the second value
+    counts the S tensors that ran as semi-structured sparse (0 on CPU)."""
+    from engines.parity import model_logits
+
+    model, _, n_sparse = load_checkpoint_model(ckpt_dir, dtype=dtype, device=device, semi_structured=semi_structured)
+    logits = model_logits(model, tokens)
+    del model
+    return logits, n_sparse

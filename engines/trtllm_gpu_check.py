@@ -5,11 +5,12 @@
 1. loads the checkpoint on CUDA in the plain PyTorch runtime with every S converted by
    ``torch.sparse.to_sparse_semi_structured`` (counts how many converted; needs sm80+ and fp16/bf16),
 2. compares its logits with the CPU fp32 reference (same checkpoint, dense S, upcast to fp32):
-   tolerances in ``GPU_TOLERANCES`` (fp16: SQNR >= 30 dB, top-1 >= 0.95; bf16: 20 dB, 0.85),
-3. with ``--trtllm`` also registers the ARMOR classes and greedy-decodes a prompt with
+   tolerances from ``engines.parity.TOLERANCES`` (fp16: SQNR >= 30 dB, top-1 >= 0.95; bf16: 20 dB, 0.85),
+3. with ``--trtllm`` also imports ``engines.trtllm_model`` (registering the ARMOR classes) and greedy-decodes a prompt with
    ``tensorrt_llm.LLM(model=dir)``, comparing the tokens with the PyTorch runtime's greedy tokens.
 Exit status 0 = all passed, 1 = a check failed, 2 = cannot run here (no CUDA). Uses the same
-functions as the CPU path (``engines.trtllm.checkpoint_logits`` with ``device="cuda"``).
+functions as the CPU path (``engines.hf_checkpoint.checkpoint_logits`` with ``device="cuda"``); imports
+nothing from ``engines.trtllm`` (which imports this module).
 """
 from __future__ import annotations
 
@@ -20,27 +21,24 @@ from pathlib import Path
 
 import torch
 
-from engines.parity import Check
-
-GPU_TOLERANCES = {torch.float16: (30.0, 0.95), torch.bfloat16: (20.0, 0.85), torch.float32: (60.0, 0.99)}
+from engines import hf_checkpoint as hfc
+from engines.parity import DTYPES, TOLERANCES, Check, compare, default_tokens
 
 
 def gpu_parity(ckpt_dir: Path, tokens: torch.Tensor, *, reference: torch.Tensor | None = None,
                dtype=None, device: str = "cuda") -> dict:
     """Checks of the checkpoint on ``device`` with semi-structured S against an fp32 reference
     (computed on CPU from the same checkpoint when not given)."""
-    from engines import hf_checkpoint as hfc
-    from engines.trtllm import checkpoint_logits, compare
-
     if reference is None:
-        reference, _ = checkpoint_logits(ckpt_dir, tokens, device="cpu", dtype=torch.float32)
-    logits, n_sparse = checkpoint_logits(ckpt_dir, tokens, device=device, dtype=dtype, semi_structured=True)
+        reference, _ = hfc.checkpoint_logits(ckpt_dir, tokens, device="cpu", dtype=torch.float32)
+    logits, n_sparse = hfc.checkpoint_logits(ckpt_dir, tokens, device=device, dtype=dtype, semi_structured=True)
     cfg = hfc.read_config(ckpt_dir)
     dt = hfc.resolve_dtype(dtype) if dtype is not None else \
         {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg["torch_dtype"]]
     n_layers = len(cfg["armor"]["layers"])
     st = compare(reference, logits)
-    sq_tol, top1_tol = GPU_TOLERANCES[dt]
+    tol = TOLERANCES[next(k for k, v in DTYPES.items() if v == dt)]
+    sq_tol, top1_tol = tol["logits_sqnr_db"], tol["top1"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else device
     checks = [
         Check(f"GPU ({name}): S as semi-structured sparse", f"{n_sparse}/{n_layers}",
@@ -57,10 +55,7 @@ def trtllm_greedy_check(ckpt_dir: Path, prompt: str, max_tokens: int = 16) -> Ch
     """Greedy tokens of TensorRT-LLM (PyTorch backend, ARMOR classes) vs our PyTorch runtime on CUDA."""
     from transformers import AutoTokenizer
 
-    from engines import hf_checkpoint as hfc
-    from engines.trtllm_model import register_armor_models
-
-    register_armor_models()
+    import engines.trtllm_model  # noqa: F401  (importing it registers the ARMOR classes)
     from tensorrt_llm import LLM, SamplingParams
 
     tok = AutoTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
@@ -94,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print("trtllm_gpu_check: no CUDA device is visible; run this on a machine with an NVIDIA GPU "
               "(sm80+ for 2:4 semi-structured kernels) and a CUDA build of torch.", file=sys.stderr)
         return 2
-    from engines import hf_checkpoint as hfc
-
     cfg = hfc.read_config(a.checkpoint)
     n, t = parse_tokens(a.tokens)
-    tokens = torch.randint(0, cfg["vocab_size"], (n, t), generator=torch.Generator().manual_seed(0))
+    tokens = default_tokens(cfg["vocab_size"], t, n)
     res = gpu_parity(a.checkpoint, tokens, dtype=a.dtype)
     checks = res["checks"]
     if a.trtllm:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
 from engines import hf_checkpoint as hfc
+from engines.base import ExportConfig
 
 B = 8
 
@@ -55,7 +55,7 @@ def artifact(tiny_model_dir, tmp_path_factory) -> Path:
 def ckpt(artifact, tmp_path_factory) -> Path:
     from engines.trtllm import TrtllmLowering
 
-    return TrtllmLowering().lower(artifact, tmp_path_factory.mktemp("trtllm") / "ckpt")
+    return TrtllmLowering().lower(artifact, tmp_path_factory.mktemp("trtllm") / "ckpt", ExportConfig())
 
 
 def test_checkpoint_config_schema(ckpt, artifact):
@@ -116,7 +116,7 @@ def test_underflow_to_negative_zero_is_normalised(tiny_model_dir, tmp_path):
 def test_verify_load_back_parity_and_report(artifact, ckpt, tmp_path):
     from engines.trtllm import TrtllmLowering
 
-    res = TrtllmLowering().verify(artifact, ckpt, report_dir=tmp_path / "rep")
+    res = TrtllmLowering().verify(artifact, ckpt, ExportConfig(report_dir=tmp_path / "rep"))
     assert res["passed"], res
     doc = json.loads((tmp_path / "rep" / "parity.json").read_text())
     by = {c["name"]: c for c in doc["checks"]}
@@ -130,11 +130,11 @@ def test_verify_load_back_parity_and_report(artifact, ckpt, tmp_path):
 
 
 def test_fp32_checkpoint_identical_to_artifact_runtime(artifact, tmp_path):
-    from engines.trtllm import artifact_logits, checkpoint_logits
+    from engines.trtllm import artifact_logits
 
     out = hfc.write_checkpoint(artifact, tmp_path / "ck32", dtype="fp32")
     tokens = torch.randint(0, 300, (2, 16))
-    got, n_sparse = checkpoint_logits(out, tokens)
+    got, n_sparse = hfc.checkpoint_logits(out, tokens)
     assert n_sparse == 0
     assert torch.equal(got, artifact_logits(artifact, tokens, torch.float32))
 
@@ -153,103 +153,6 @@ def test_gpu_check_cli_without_cuda_says_why(ckpt):
     r = subprocess.run([sys.executable, "-m", "engines.trtllm_gpu_check", str(ckpt)], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2 and "no CUDA device" in r.stderr
-
-
-# ---------------------------------------------------------------- registration module (pure parts)
-
-def test_trtllm_model_imports_without_library():
-    r = subprocess.run([sys.executable, "-c", "import sys, engines.trtllm_model as m; "
-                        "print('tensorrt_llm' in sys.modules, m.missing_trtllm_message() is None)"],
-                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-    assert r.returncode == 0, r.stderr
-    loaded, installed = r.stdout.split()
-    assert loaded == "False"
-    if installed == "False":
-        from engines.trtllm_model import TrtllmUnavailable, register_armor_models
-
-        with pytest.raises(TrtllmUnavailable, match="pip install tensorrt-llm"):
-            register_armor_models()
-
-
-def test_projection_plan_fused_and_fallback():
-    from engines.trtllm_model import projection_plan
-
-    fused = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
-             "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"}
-    plan = projection_plan(1, fused.__contains__)
-    assert plan["model.layers.0.self_attn.qkv_proj"] == tuple(
-        f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
-    assert plan["model.layers.0.mlp.gate_up_proj"] == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
-    unfused = {f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    plan2 = projection_plan(1, unfused.__contains__)
-    assert set(plan2) == unfused and all(v == (k,) for k, v in plan2.items())
-
-
-class _StandIn(nn.Module):
-    """The module layout of TensorRT-LLM's Llama (fused qkv_proj / gate_up_proj), plain torch."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-        qkv = cfg.num_attention_heads * cfg.head_dim + 2 * cfg.num_key_value_heads * cfg.head_dim
-        layer = lambda: nn.ModuleDict({  # noqa: E731
-            "self_attn": nn.ModuleDict({"qkv_proj": nn.Linear(h, qkv, bias=False), "o_proj": nn.Linear(h, h, bias=False)}),
-            "mlp": nn.ModuleDict({"gate_up_proj": nn.Linear(h, 2 * i, bias=False), "down_proj": nn.Linear(i, h, bias=False)}),
-            "input_layernorm": nn.LayerNorm(h), "post_attention_layernorm": nn.LayerNorm(h, bias=False)})
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, h)
-        self.model.layers = nn.ModuleList([layer() for _ in range(L)])
-        self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
-
-
-def test_armorize_and_load_weights_on_stand_in(ckpt):
-    from transformers import AutoConfig
-
-    from engines.trtllm_model import ArmorConcat, armorize, load_armor_weights
-
-    cfg = AutoConfig.from_pretrained(ckpt)
-    native = _StandIn(cfg)
-    plan = armorize(native, cfg.num_hidden_layers)
-    assert len(plan) == 8 and isinstance(native.model.layers[0].self_attn.qkv_proj, ArmorConcat)
-    weights = load_file(str(ckpt / hfc.WEIGHTS))
-    weights["model.layers.0.input_layernorm.bias"] = torch.zeros(cfg.hidden_size, dtype=torch.float16)
-    weights["model.layers.1.input_layernorm.bias"] = torch.zeros(cfg.hidden_size, dtype=torch.float16)
-    native.to(torch.float16)
-    counts = load_armor_weights(native, weights, plan, dtype=torch.float16, tie_embeddings=True)
-    assert counts == {"armor_modules": 8, "semi_structured": 0}
-    assert torch.equal(native.lm_head.weight, weights["model.embed_tokens.weight"])
-    ref, _, _ = hfc.load_checkpoint_model(ckpt)
-    x = torch.randn(5, cfg.hidden_size, dtype=torch.float16)
-    attn = ref.model.layers[1].self_attn
-    qkv = native.model.layers[1].self_attn.qkv_proj(x, all_reduce_params=None, lora_params=None)
-    assert torch.equal(qkv, torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
-    mlp = ref.model.layers[1].mlp
-    assert torch.equal(native.model.layers[1].mlp.gate_up_proj(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
-    assert native.model.layers[1].mlp.down_proj.has_fp8_qdq is False
-
-
-def test_load_weights_reports_missing_tensors(ckpt):
-    from transformers import AutoConfig
-
-    from engines.trtllm_model import armorize, load_armor_weights
-
-    cfg = AutoConfig.from_pretrained(ckpt)
-    native = _StandIn(cfg)
-    plan = armorize(native, cfg.num_hidden_layers)
-    weights = load_file(str(ckpt / hfc.WEIGHTS))
-    with pytest.raises(KeyError, match="lacks tensors"):
-        load_armor_weights(native, weights, plan, dtype=torch.float16, tie_embeddings=False)
-
-
-@pytest.mark.trtllm
-def test_register_armor_models_with_tensorrt_llm():
-    from tensorrt_llm._torch.models.modeling_utils import MODEL_CLASS_MAPPING
-
-    from engines.trtllm_model import register_armor_models
-
-    names = register_armor_models()
-    assert set(names) <= set(MODEL_CLASS_MAPPING)
 
 
 @pytest.mark.gpu
