@@ -178,21 +178,28 @@ def cmd_eval(a) -> int:
     res = {"model": what, **pipeline.evaluate(model, tok, eval_config(a))}
     print(json.dumps(res))
     if a.json:
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+        from armor_export.fsutil import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(res, indent=2) + "\n", flag="--json")
     return 0
 
 
 def cmd_export(a) -> int:
+    from armor_export import fsutil
     from engines import get_lowering
 
-    path = get_lowering(a.sub_engine).lower(a.artifact, a.out, dtype=a.dtype, overwrite=a.overwrite)
+    fsutil.check_output(a.out, overwrite=a.overwrite, inputs=(a.artifact,))
+    with fsutil.output_lock(a.out):
+        path = get_lowering(a.sub_engine).lower(a.artifact, a.out, dtype=a.dtype, overwrite=a.overwrite)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_verify(a) -> int:
+    from armor_export.fsutil import verify_hashes
     from engines import get_lowering
 
+    verify_hashes(a.engine_dir)  # the engine folder's files.sha256 first: parity of a modified folder means nothing
     res = get_lowering(a.sub_engine).verify(a.artifact, a.engine_dir, report_dir=a.report_dir,
                                             eval_cfg=eval_config(a))
     print(json.dumps({"passed": res.get("passed"), "report": res.get("report_path")}))
@@ -207,13 +214,17 @@ def cmd_report(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from armor_export import fsutil
+
+    inputs = (a.model, a.calib_text, a.eval_text)
+    with fsutil.run_folder(a.out, overwrite=a.overwrite, inputs=inputs) as out:
+        return _run(a, out)
+
+
+def _run(a, out: Path) -> int:
     from armor_export import pipeline, report
 
     engine = getattr(a, "sub_engine", None) or a.engine
-    out: Path = a.out
-    if out.exists() and not a.overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict = {"engine": engine}
     loaded = pipeline.load(a.model)

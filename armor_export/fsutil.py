@@ -417,3 +417,31 @@ def atomic_write_file(path: Path, write, flag: str = "--out") -> Path:
             raise as_output_error(e, path, flag) from None
         raise
     return path
+
+
+# ---------------------------------------------------------------- the one-shot run's folder
+
+@contextlib.contextmanager
+def run_folder(out: Path, *, overwrite: bool, inputs=(), flag: str = "--out"):
+    """The one-shot run's folder: checked and locked first, created with the marker ``complete: false``,
+    marked complete when the body returns. A failed run removes the folder if it created it and
+    nothing was left in it; an incomplete run folder (a failed or killed run) may be reused without
+    ``--overwrite``, so rerunning the same command resumes it."""
+    out = Path(out)
+    marker = read_marker(out) if out.is_dir() else None
+    resumable = bool(marker) and marker.get("kind") == "run" and marker.get("complete") is False
+    check_output(out, overwrite=overwrite or resumable, inputs=inputs, flag=flag)
+    with output_lock(out, flag):
+        existed = out.exists()
+        try:
+            out.mkdir(exist_ok=True)
+            write_marker(out, "run", complete=False)
+        except OSError as e:
+            raise as_output_error(e, out, flag) from None
+        try:
+            yield out
+        except BaseException:
+            if not existed and not folder_files(out, (MARKER,)):
+                remove_tree(out)
+            raise
+        write_marker(out, "run", complete=True)
