@@ -192,6 +192,14 @@ def check_files(path: Path, man: dict) -> None:
               f"(config and tokenizer are not checked); re-create it for the full check", file=sys.stderr)
 
 
+def check_artifact(path: Path) -> dict:
+    """Manifest (digest, schema, version) and every file's hash, without loading tensors: the first step of
+    every command that reads an artifact, so nothing reads a corrupt config or tokenizer."""
+    man = read_manifest(path)
+    check_files(Path(path), man)
+    return man
+
+
 def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
     if not f.is_file():
         raise ArtifactError(f"{f}: missing (the artifact is incomplete)")

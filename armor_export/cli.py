@@ -170,6 +170,9 @@ def cmd_eval(a) -> int:
     from armor_export import pipeline
 
     if a.artifact is not None:
+        from armor_export.artifact import check_artifact
+
+        check_artifact(a.artifact)  # before anything reads its config or tokenizer
         model, tok, _ = pipeline.load_artifact_model(a.artifact)
         what = str(a.artifact)
     else:
@@ -188,6 +191,9 @@ def cmd_export(a) -> int:
     from armor_export import fsutil
     from engines import get_lowering
 
+    from armor_export.artifact import check_artifact
+
+    check_artifact(a.artifact)
     fsutil.check_output(a.out, overwrite=a.overwrite, inputs=(a.artifact,))
     with fsutil.output_lock(a.out):
         path = get_lowering(a.sub_engine).lower(a.artifact, a.out, dtype=a.dtype, overwrite=a.overwrite)
@@ -196,9 +202,11 @@ def cmd_export(a) -> int:
 
 
 def cmd_verify(a) -> int:
+    from armor_export.artifact import check_artifact
     from armor_export.fsutil import verify_hashes
     from engines import get_lowering
 
+    check_artifact(a.artifact)
     verify_hashes(a.engine_dir)  # the engine folder's files.sha256 first: parity of a modified folder means nothing
     res = get_lowering(a.sub_engine).verify(a.artifact, a.engine_dir, report_dir=a.report_dir,
                                             eval_cfg=eval_config(a))

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 TMP_TAG = ".armor-tmp-"
-MARKER = ".armor-export.json"
+MARKER = ".armor-export"  # JSON; no .json suffix, so "*.json" globs of a folder never see it
 HASHES = "files.sha256"
 REPORT_FILES = ("parity.json", "parity.md", "parity.png")  # written into an engine folder later, by verify
 OWNER = "armor-export"

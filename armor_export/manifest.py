@@ -6,7 +6,7 @@ tokenizer, templates) and ``manifest.sha256`` (``sha256sum -c`` format) holds th
 Version 1 (read, with a note): ``files`` covers only the two tensor files and there is no digest.
 
 Required in every version: format, format_version, method, layers (each with shape, block_size,
-has_bias), files, and model_files (version 2). The provenance fields (source, solver_config,
+has_bias), files and model_files. The provenance fields (source, solver_config,
 calibration, targets, ignore, timing, execution, versions) and the solver's per-layer facts are
 optional for the readers, but typed: a present field of the wrong type is an error as well.
 """
@@ -26,7 +26,7 @@ _OPT_NUM = (int, float, type(None))
 # field -> (accepted types, required)
 TOP = {
     "format": (str, True), "format_version": (int, True), "method": (str, True), "layers": (dict, True),
-    "files": (dict, True), "model_files": (list, False),  # required from version 2 (below)
+    "files": (dict, True), "model_files": (list, True),
     "created_unix": (int, False), "source": (dict, False), "solver_config": (dict, False),
     "calibration": ((dict, type(None)), False), "targets": (list, False), "ignore": (list, False),
     "timing_seconds": (dict, False), "execution": (dict, False), "library_versions": (dict, False),
@@ -95,13 +95,16 @@ def _fields(mf: Path, doc: dict, spec: dict, prefix: str = "") -> None:
 
 
 def check_version(mf: Path, version) -> None:
+    if version is None:
+        raise ArtifactError(f"{mf}: required field 'format_version' is missing; the manifest is malformed: "
+                            f"re-create the artifact")
     if isinstance(version, str):
         raise ArtifactError(f"{mf}: field 'format_version' is the string {version!r}; it must be the integer "
                             f"{FORMAT_VERSION} (the manifest was edited by hand or by another tool)")
     if not _typed(version, int) or version not in READS:
         newer = _typed(version, int) and version > FORMAT_VERSION
         hint = "upgrade armor-export" if newer else "re-create the artifact with this version"
-        raise ArtifactError(f"{mf}: format version {version} is not supported (this armor-export reads versions "
+        raise ArtifactError(f"{mf}: format version {version!r} is not supported (this armor-export reads versions "
                             f"{', '.join(map(str, READS))}); {hint}")
 
 
@@ -110,12 +113,11 @@ def validate(mf: Path, man) -> None:
     if not isinstance(man, dict):
         raise ArtifactError(f"{mf}: must be a JSON object, found {type(man).__name__}")
     if man.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: format {man.get('format')!r} is not {FORMAT!r}")
+        what = "is missing" if "format" not in man else f"is {man['format']!r}"
+        raise ArtifactError(f"{mf}: field 'format' {what}, not {FORMAT!r}; this is not an armor-export artifact "
+                            f"manifest")
     check_version(mf, man.get("format_version"))
     _fields(mf, man, TOP)
-    if man["format_version"] >= 2 and "model_files" not in man:
-        raise ArtifactError(f"{mf}: required field 'model_files' is missing; the manifest is malformed: "
-                            f"re-create the artifact")
     for key, types in SOURCE.items():
         if key in man.get("source", {}):
             _field(mf, f"source.{key}", man["source"][key], types)

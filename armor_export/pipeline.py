@@ -232,7 +232,11 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
             return _prune(model_spec, solver_cfg, calib, out, overwrite=overwrite, dist=dist, **kw)
         except BaseException:
             if dist.main:
-                LayerStore(out, {}).discard_if_empty()
+                store = LayerStore(out, {})
+                store.discard_if_empty()
+                if store.root.is_dir() and store.done():
+                    _log(f"the {len(store.done())} finished layer(s) are kept in {store.root}; rerun the same "
+                         f"command to resume", dist)
             raise
 
 
