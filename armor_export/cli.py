@@ -170,10 +170,7 @@ def cmd_eval(a) -> int:
     from armor_export import pipeline
 
     if a.artifact is not None:
-        from armor_export.artifact import check_artifact
-
-        check_artifact(a.artifact)  # before anything reads its config or tokenizer
-        model, tok, _ = pipeline.load_artifact_model(a.artifact)
+        model, tok, _ = pipeline.load_artifact_model(a.artifact)  # checks every file's hash first
         what = str(a.artifact)
     else:
         loaded = pipeline.load(a.model)

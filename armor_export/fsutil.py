@@ -1,7 +1,7 @@
 """Owned, locked, atomic outputs and file hashes: the one place where armor-export writes to disk.
 
 * Every folder armor-export creates carries a marker file (``MARKER``). ``--overwrite`` replaces only
-  a folder with that marker (or an empty one, or a version-1 artifact, which predates markers); never
+  a folder with that marker (or an empty one, or an output that predates markers); never
   a plain file, a foreign folder or an input of the same command.
 * ``output_lock(out)`` holds an exclusive ``fcntl`` lock on ``.<name>.lock`` next to ``out`` for the whole
   command, so a second run into the same output fails at once. The kernel drops the lock when its
@@ -128,19 +128,32 @@ def read_marker(folder: Path) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("written_by") == OWNER else None
 
 
-def _legacy_artifact(folder: Path) -> bool:
-    """A version-1 artifact (written before markers existed) also counts as armor-export's."""
+def _json(path: Path):
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("format") == "armor-export/factors"
-    except (OSError, ValueError, AttributeError):
-        return False
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _legacy_output(folder: Path) -> bool:
+    """An output written before markers existed also counts as armor-export's: a version-1 artifact, an
+    engine folder (ONNX export record at the top or one level down, an ARMOR checkpoint config), or a
+    one-shot run folder (holding such an artifact)."""
+    for candidate in (folder, folder / "artifact"):
+        man = _json(candidate / "manifest.json")
+        if isinstance(man, dict) and man.get("format") == "armor-export/factors":
+            return True
+    if (folder / "onnx_export.json").is_file() or any(folder.glob("*/onnx_export.json")):
+        return True
+    cfg = _json(folder / "config.json")
+    return isinstance(cfg, dict) and isinstance(cfg.get("armor"), dict)
 
 
 def is_owned(folder: Path) -> bool:
     folder = Path(folder)
     if not folder.is_dir() or folder.is_symlink():
         return False
-    return read_marker(folder) is not None or not any(folder.iterdir()) or _legacy_artifact(folder)
+    return read_marker(folder) is not None or not any(folder.iterdir()) or _legacy_output(folder)
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -119,6 +120,8 @@ def test_overwrite_of_own_artifact_leaves_no_temporaries(capsys, tiny_model_dir,
     assert json.loads((out / MARKER).read_text())["kind"] == "artifact"
     assert main(prune_args(tiny_model_dir, out, "--overwrite", "--seed", "1")) == 0
     assert leftovers(tmp_path) == [] and (out / "manifest.json").is_file()
+    (out / MARKER).unlink()  # an artifact written before markers existed is armor-export's too
+    assert main(prune_args(tiny_model_dir, out, "--overwrite")) == 0 and (out / MARKER).is_file()
 
 
 def test_out_that_is_a_file_or_under_a_file(capsys, tiny_model_dir, tmp_path):
@@ -525,3 +528,15 @@ def test_engine_folder_hashes_are_checked_first(capsys, art, tmp_path):
     (eng / HASHES).unlink()
     assert_clear(*run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng),
                  eng / HASHES, "missing")
+
+
+@pytest.mark.slow  # two fp16 ONNX exports (~13 s on 2 cores)
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_hint_gives_a_command_that_is_not_refused(capsys, art, tmp_path):
+    out = tmp_path / "trt"
+    rc, err = run_cli(capsys, "export", "--artifact", art, "--engine", "tensorrt", "--out", out)
+    assert_clear(rc, err, "TensorRT is not installed", f"--out {out} --overwrite")
+    assert "rerun this command" not in err and (out / HASHES).is_file()
+    rc, err = run_cli(capsys, "export", "--artifact", art, "--engine", "tensorrt", "--out", out, "--overwrite")
+    assert_clear(rc, err, "TensorRT is not installed")  # the hint's command runs; only TensorRT is missing
+    assert "already exists" not in err and leftovers(tmp_path) == []
