@@ -172,7 +172,7 @@ def cmd_eval(a) -> int:
     from armor_export import pipeline
 
     if a.artifact is not None:
-        model, tok, _ = pipeline.load_artifact_model(a.artifact)
+        model, tok, _ = pipeline.load_artifact_model(a.artifact)  # checks every file's hash first
         what = str(a.artifact)
     else:
         loaded = pipeline.load(a.model)
@@ -180,7 +180,9 @@ def cmd_eval(a) -> int:
     res = {"model": what, **pipeline.evaluate(model, tok, eval_config(a))}
     print(json.dumps(res))
     if a.json:
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+        from armor_export.fsutil import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(res, indent=2) + "\n", flag="--json")
     return 0
 
 
@@ -201,20 +203,31 @@ def parity_tokens(artifact: Path, ecfg) -> tuple[tuple[int, ...], ...]:
 
 
 def cmd_export(a) -> int:
+    from armor_export import fsutil
     from engines import get_lowering
     from engines.base import ExportConfig
 
+    from armor_export.artifact import check_artifact
+
+    check_artifact(a.artifact)
     cfg = ExportConfig(dtype=a.dtype, overwrite=a.overwrite)
     low = get_lowering(a.sub_engine)
     low.requires(a.artifact, cfg)
-    print(f"wrote {low.lower(a.artifact, a.out, cfg)}")
+    fsutil.check_output(a.out, overwrite=a.overwrite, inputs=(a.artifact,))
+    with fsutil.output_lock(a.out):
+        path = low.lower(a.artifact, a.out, cfg)
+    print(f"wrote {path}")
     return 0
 
 
 def cmd_verify(a) -> int:
+    from armor_export.artifact import check_artifact
+    from armor_export.fsutil import verify_hashes
     from engines import get_lowering
     from engines.base import ExportConfig
 
+    check_artifact(a.artifact)
+    verify_hashes(a.engine_dir)  # the engine folder's files.sha256 first: parity of a modified folder means nothing
     cfg = ExportConfig(report_dir=a.report_dir, parity_tokens=parity_tokens(a.artifact, eval_config(a)))
     res = get_lowering(a.sub_engine).verify(a.artifact, a.engine_dir, cfg)
     print(json.dumps({"passed": res.get("passed"), "report": res.get("report_path")}))
@@ -229,21 +242,26 @@ def cmd_report(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from armor_export import pipeline, report
+    from armor_export import fsutil
 
     engine = getattr(a, "sub_engine", None) or a.engine
-    out: Path = a.out
     low = None
     if engine is not None:  # the engine's family/feature check runs before any work
+        from armor_export.models import resolve_model
         from engines import get_lowering
         from engines.base import ExportConfig
-        from armor_export.models import resolve_model
 
         low = get_lowering(engine)
         low.requires(resolve_model(a.model), ExportConfig())
-    if out.exists() and not a.overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = (a.model, a.calib_text, a.eval_text)
+    with fsutil.run_folder(a.out, overwrite=a.overwrite, inputs=inputs) as out:
+        return _run(a, out, engine, low)
+
+
+def _run(a, out: Path, engine: str | None, low) -> int:
+    from armor_export import pipeline, report
+    from engines.base import ExportConfig
+
     t0 = time.perf_counter()
     summary: dict = {"engine": engine}
     loaded = pipeline.load(a.model)

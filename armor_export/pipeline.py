@@ -6,6 +6,7 @@ artifact.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from armor_export.capture import iterate_blocks
 from armor_export.config import CalibConfig, EvalConfig, to_dict
 from armor_export.corpus import default_split, text_files
 from armor_export.evaluate import perplexity
+from armor_export.fsutil import check_output, output_lock
 from armor_export.models import load_model, model_id, read_family, resolve_model
 from armor_export.resume import LayerStore, model_fingerprint
 from armor_export.shard import DistContext, assign, chunks, layer_cost
@@ -229,10 +231,31 @@ def _log(msg: str, dist: DistContext) -> None:
           file=sys.stderr, flush=True)
 
 
-def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *, ignore: tuple[str, ...] = (),
-          overwrite: bool = False, progress: bool = True, loaded: Loaded | None = None, resume: bool = True,
-          layerwise: bool = False, dist: DistContext | None = None) -> Path:
-    """The whole prune stage: model -> calibration -> per-layer solve -> artifact at ``out``.
+def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *, overwrite: bool = False,
+          dist: DistContext | None = None, **kw) -> Path:
+    """The whole prune stage: model -> calibration -> per-layer solve -> artifact at ``out`` (``_prune``).
+
+    ``out`` is checked first (never an input, replaced only if it is armor-export's) and locked for the
+    whole run (rank 0); a failed run removes a checkpoint store that holds no finished layer."""
+    dist = dist or DistContext()
+    check_output(out, overwrite=overwrite, inputs=(model_spec, calib.text))
+    with output_lock(out) if dist.main else contextlib.nullcontext():
+        try:
+            return _prune(model_spec, solver_cfg, calib, out, overwrite=overwrite, dist=dist, **kw)
+        except BaseException:
+            if dist.main:
+                store = LayerStore(out, {})
+                store.discard_if_empty()
+                if store.root.is_dir() and store.done():
+                    _log(f"the {len(store.done())} finished layer(s) are kept in {store.root}; rerun the same "
+                         f"command to resume", dist)
+            raise
+
+
+def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *, ignore: tuple[str, ...] = (),
+           overwrite: bool = False, progress: bool = True, loaded: Loaded | None = None, resume: bool = True,
+           layerwise: bool = False, dist: DistContext | None = None) -> Path:
+    """The prune stage proper (see ``prune``).
 
     resume: checkpoint every finished chunk of layers in ``<out>.partial/`` and reuse layers found
     there from an interrupted run with the same settings (``armor_export.resume``).

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from armor_export.artifact import read_manifest
+from armor_export.fsutil import atomic_write_text
 
 
 def artifact_summary(man: dict) -> dict:
@@ -68,7 +69,7 @@ def print_artifact(path: Path, console: Console | None = None) -> None:
 def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
     man = read_manifest(artifact)
     full = {**summary, "artifact": str(artifact), "artifact_summary": artifact_summary(man)}
-    (out / "summary.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(full, indent=2, default=str) + "\n")
     s = full["artifact_summary"]
     lines = [
         f"# armor-export run ({_label(s)})", "",
@@ -84,7 +85,7 @@ def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
     if "verify" in summary:
         lines.append(f"- engine {summary['engine']}: parity {'PASS' if summary['verify'].get('passed') else 'FAIL'} "
                      f"({summary['verify'].get('report_path')})")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
 
 
 def print_run_summary(artifact: Path, summary: dict, console: Console | None = None) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from armor_export.artifact import WEIGHT_SUFFIXES, LayerFactors
-from armor_export.fsutil import sha256_file
+from armor_export.fsutil import MARKER, OutputError, atomic_write_file, read_marker, remove_tree, sha256_file, \
+    write_marker
 from solver.factors import Factorization
 
 STORE_VERSION = 1
@@ -54,17 +54,15 @@ def settings_key(settings: dict) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.parent / f"{TMP}{os.getpid()}-{path.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_file(path, write)
 
 
 def _write_json(path: Path, obj: dict) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpointed layer that cannot be reused (corrupt, truncated, or from another run)."""
 
 
 class LayerStore:
@@ -78,20 +76,45 @@ class LayerStore:
     def prepare(self, *, reuse: bool = True) -> list[str]:
         """Create the store for this run (single writer: rank 0). Returns notes on what was discarded."""
         notes = []
+        if self.root.exists() and read_marker(self.root) is None and self._read_run() is None \
+                and (not self.root.is_dir() or any(self.root.iterdir())):
+            raise OutputError(f"{self.root} exists but is not an armor-export checkpoint store (no {MARKER}); "
+                              f"armor-export keeps its resume checkpoints there: move it away, or pass --no-resume "
+                              f"and another --out")
         if self.root.exists():
             run = self._read_run()
             if run is None or run.get("key") != self.key or not reuse:
                 why = "--no-resume" if not reuse else "the run settings changed"
-                n = len(list(self.root.glob("*.json"))) - (run is not None)
-                notes.append(f"discarded {max(n, 0)} checkpointed layer(s) in {self.root} ({why})")
+                notes.append(f"discarded {len(self.done())} checkpointed layer(s) in {self.root} ({why})")
                 shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f"{TMP}*"):
+        if read_marker(self.root) is None:
+            write_marker(self.root, "resume-store")
+        for stale in [*self.root.glob(f"{TMP}*"), *self.root.glob(".*.armor-tmp-*")]:
             stale.unlink(missing_ok=True)
         if self._read_run() is None:
             _write_json(self.root / RUN_FILE, {"store_version": STORE_VERSION, "key": self.key,
                                                "settings": self.settings})
+        notes += self.drop_bad()
         return notes
+
+    def drop_bad(self) -> list[str]:
+        """Verify every checkpoint (record, hash, tensors); remove the bad ones so that only those layers
+        are solved again. Returns one note per removed layer."""
+        notes = []
+        for name in sorted(self.done()):
+            try:
+                self.load(name)
+            except CheckpointError as e:
+                for suffix in (".json", ".safetensors"):
+                    (self.root / f"{name}{suffix}").unlink(missing_ok=True)
+                notes.append(f"{e}; solving layer {name} again")
+        return notes
+
+    def discard_if_empty(self) -> None:
+        """After a failed run: remove the store when it holds no finished layer (nothing to resume)."""
+        if self.root.is_dir() and not self.done() and read_marker(self.root) is not None:
+            remove_tree(self.root)
 
     def _read_run(self) -> dict | None:
         try:
@@ -109,7 +132,8 @@ class LayerStore:
     def done(self) -> set[str]:
         names = set()
         for p in self.root.glob("*.json"):
-            if p.name != RUN_FILE and not p.name.startswith(TMP) and p.with_suffix(".safetensors").is_file():
+            if p.name not in (RUN_FILE, MARKER) and not p.name.startswith((TMP, ".")) \
+                    and p.with_suffix(".safetensors").is_file():
                 names.add(p.name[:-len(".json")])
         return names
 
@@ -126,17 +150,22 @@ class LayerStore:
         jfile, tfile = self.root / f"{name}.json", self.root / f"{name}.safetensors"
         try:
             entry = json.loads(jfile.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RuntimeError(f"{jfile}: unreadable checkpoint ({e}); delete {self.root} and rerun") from None
-        if entry.get("key") != self.key or sha256_file(tfile) != entry.get("sha256"):
-            raise RuntimeError(f"{tfile}: checkpoint does not match its record (corrupt or from another run); "
-                               f"delete {self.root} and rerun")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{jfile}: unreadable checkpoint record ({e})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("info"), dict):
+            raise CheckpointError(f"{jfile}: checkpoint record is malformed")
+        try:
+            ok = entry.get("key") == self.key and sha256_file(tfile) == entry.get("sha256")
+        except OSError as e:
+            raise CheckpointError(f"{tfile}: cannot be read ({e})") from None
+        if not ok:
+            raise CheckpointError(f"{tfile}: checkpoint does not match its record (corrupt or from another run)")
         try:
             t: dict[str, torch.Tensor] = load_file(str(tfile))
-        except (SafetensorError, OSError) as e:
-            raise RuntimeError(f"{tfile}: cannot be read ({e}); delete {self.root} and rerun") from None
-        return LayerFactors(Factorization(t["S"], t.get("A_blocks"), t.get("B_blocks")), t.get("bias"),
-                            entry["info"])
+            S = t["S"]
+        except (SafetensorError, OSError, KeyError) as e:
+            raise CheckpointError(f"{tfile}: cannot be read ({e})") from None
+        return LayerFactors(Factorization(S, t.get("A_blocks"), t.get("B_blocks")), t.get("bias"), entry["info"])
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

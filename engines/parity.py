@@ -18,6 +18,8 @@ from importlib import metadata
 
 import torch
 
+from armor_export.fsutil import atomic_write_file, atomic_write_text
+
 # the engines' precision names, once
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Floors/ceilings of an engine's output vs the artifact's fp32 PyTorch runtime, per engine precision; set from
@@ -135,11 +137,10 @@ def write_report(report_dir: Path, title: str, checks: list[Check], meta: dict,
                  layer_sqnr: dict[str, float] | None = None) -> dict:
     """Write parity.json, parity.md and (if matplotlib is present and per-layer SQNR given) parity.png."""
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     passed = all(c.passed for c in checks)
     doc = {"title": title, "passed": passed, "checks": [asdict(c) for c in checks], "meta": meta,
            "layer_sqnr_db": layer_sqnr or {}}
-    (report_dir / "parity.json").write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
+    atomic_write_text(report_dir / "parity.json", json.dumps(_json_safe(doc), indent=2) + "\n")
     lines = [f"# {title}", "", f"**{'PASS' if passed else 'FAIL'}**", "", "| check | value | tolerance | result |",
              "|---|---|---|---|"]
     for c in checks:
@@ -151,7 +152,7 @@ def write_report(report_dir: Path, title: str, checks: list[Check], meta: dict,
             lines += ["", f"Per-layer SQNR over {len(layer_sqnr)} lowered linears: min {min(finite):.1f} dB, "
                           f"median {sorted(finite)[len(finite) // 2]:.1f} dB (plot: parity.png)"]
     lines += ["", "## Versions and settings", "", "```json", json.dumps(_json_safe(meta), indent=2), "```"]
-    (report_dir / "parity.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(report_dir / "parity.md", "\n".join(lines) + "\n")
     if layer_sqnr:
         _plot(report_dir / "parity.png", layer_sqnr, title)
     return {"passed": passed, "report_path": str(report_dir / "parity.md")}
@@ -173,5 +174,5 @@ def _plot(path: Path, layer_sqnr: dict[str, float], title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_file(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)

@@ -32,7 +32,7 @@ from engines.onnx_export import requires
 INSTALL_HINT = ("TensorRT is not installed, so no engine was built. On a Linux machine with an NVIDIA GPU "
                 "(sm80+ for 2:4 sparse tactics) and a CUDA 12/13 driver: `pip install tensorrt` (the PyPI "
                 "package is a stub that fetches the real wheel from NVIDIA's index; or use the NGC container "
-                "nvcr.io/nvidia/tensorrt), then rerun this command, or build from the written ONNX with "
+                "nvcr.io/nvidia/tensorrt), then build the engine again (the command below), or build from the written ONNX with "
                 "`trtexec --onnx={onnx} --sparsity=enable --profilingVerbosity=detailed "
                 "--exportLayerInfo=layers.json`.")
 BATCH_WORDS, SEQ_WORDS = ("batch",), ("seq", "length", "total", "past")
@@ -238,7 +238,9 @@ class TensorRTLowering:
                 build.update(self._build(onnx_path, tmp, s_nodes, artifact_dir))
             (tmp / "build.json").write_text(json.dumps(build, indent=2) + "\n")
         if missing:
-            raise EngineUnavailable(f"{missing} The checked ONNX graph is at {out_dir / 'onnx'}.")
+            raise EngineUnavailable(f"{missing} The checked ONNX graph is at {out_dir / 'onnx'}. With TensorRT "
+                                    f"installed: armor-export export --artifact {artifact_dir} --engine tensorrt "
+                                    f"--out {out_dir} --overwrite (the folder is armor-export's, so it is replaced)")
         return out_dir
 
     def _build(self, onnx_path: Path, tmp: Path, s_nodes: dict, artifact_dir: Path) -> dict:

@@ -72,7 +72,7 @@ def test_manifest_records_layers_and_hashes(tmp_path):
     entry = man["layers"]["model.layers.0.mlp.down_proj"]
     assert entry["shape"] == [20, 12] and entry["block_size"] == 4 and entry["has_bias"]
     assert man["layers"]["model.layers.0.mlp.up_proj"]["block_size"] is None
-    assert set(man["files"]) == {"factors.safetensors", "base.safetensors"}
+    assert set(man["files"]) == {"factors.safetensors", "base.safetensors", "config.json"}  # every file (v2)
 
 
 def test_other_format_version_is_rejected(tmp_path):

@@ -188,7 +188,9 @@ def test_existing_output_is_refused_unless_overwrite(capsys, tiny_model_dir, tmp
     args = ["prune", "--model", tiny_model_dir, "--method", "magnitude", "--out", tmp_path / "o"]
     rc, err = run_cli(capsys, *args)
     assert rc == 2 and "already exists; pass --overwrite" in err and (tmp_path / "o" / "keep.txt").exists()
-    assert run_cli(capsys, *args, "--overwrite")[0] == 0 and (tmp_path / "o" / "manifest.json").is_file()
+    # issue 16: --overwrite replaces only armor-export's own folders (tests/armor_export/test_faults_outputs.py)
+    rc, err = run_cli(capsys, *args, "--overwrite")
+    assert rc == 2 and "not written by armor-export" in err and (tmp_path / "o" / "keep.txt").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
@@ -233,7 +235,7 @@ def test_artifact_holds_no_pickles(mag_artifact):
         if p.is_file():
             head = p.read_bytes()[:4]
             assert not head.startswith(b"\x80") and not head.startswith(b"PK"), f"{p.name} looks like a pickle/zip"
-            assert p.suffix in (".json", ".safetensors", ".jinja", ".txt", ".model", ""), p.name
+            assert p.suffix in (".json", ".safetensors", ".jinja", ".txt", ".model", ".sha256", ""), p.name
 
 
 def test_no_unsafe_torch_load_in_source():

@@ -1,0 +1,542 @@
+"""Fault injection on the output side and the integrity chain (issue 16): every case exits 2 with one
+line naming the culprit, prints no traceback, and leaves no partial output and no damaged input.
+
+Tiny random model, method magnitude (no calibration) unless a case needs statistics, so the file
+runs in a few seconds. Filesystem faults use real mounts (a full / read-only tmpfs) where the test
+runs as root, and a monkeypatched write (ENOSPC) everywhere."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from armor_export.cli import main
+from armor_export.fsutil import HASHES, MARKER, TMP_TAG, lock_path
+from armor_export.manifest import DIGEST, LAYER, TOP
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def assert_clear(rc: int, err: str, *names) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err and "armor-export: error:" in err, err
+    for n in names:
+        assert str(n) in err, f"{n!r} not named in: {err}"
+
+
+def prune_args(model, out, *extra, method="magnitude"):
+    return [str(a) for a in ("prune", "--model", model, "--method", method, "--out", out, *extra)]
+
+
+def tree_digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporaries, locks and empty checkpoint stores that a finished command must not leave."""
+    return sorted(p.name for p in Path(parent).iterdir()
+                  if TMP_TAG in p.name or p.name.endswith(".lock") or p.name.endswith(".partial"))
+
+
+@pytest.fixture(scope="module")
+def art(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "art"
+    assert main(prune_args(tiny_model_dir, out)) == 0
+    return out
+
+
+def copy_art(art: Path, dst: Path) -> Path:
+    shutil.copytree(art, dst)
+    return dst
+
+
+def rewrite_manifest(path: Path, edit) -> None:
+    """Edit manifest.json and keep its digest consistent (a well-formed digest of a malformed manifest)."""
+    man = json.loads((path / "manifest.json").read_text())
+    edit(man)
+    data = (json.dumps(man, indent=2) + "\n").encode()
+    (path / "manifest.json").write_bytes(data)
+    (path / DIGEST).write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
+
+
+def rehash(path: Path, name: str) -> None:
+    digest = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, digest))
+
+
+def flip_byte(f: Path, at: int = -2) -> None:
+    data = bytearray(f.read_bytes())
+    data[at] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- owned outputs and --overwrite
+
+def test_overwrite_refuses_a_foreign_folder(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out, "--overwrite"))
+    assert_clear(rc, err, out, "not written by armor-export")
+    assert (out / "thesis.tex").read_text() == "years of work" and leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_an_input(capsys, tiny_model_dir, tiny_text_dir, tmp_path, art):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    before = tree_digest(model)
+    rc, err = run_cli(capsys, *prune_args(model, model, "--overwrite"))
+    assert_clear(rc, err, model, "input")
+    text = shutil.copytree(tiny_text_dir / "calib", tmp_path / "texts" / "calib")
+    rc, err = run_cli(capsys, *prune_args(model, tmp_path / "texts", "--overwrite", "--calib-text", text,
+                                          method="nowag"))
+    assert_clear(rc, err, "input")  # --out would contain the calibration text
+    a = copy_art(art, tmp_path / "a")
+    rc, err = run_cli(capsys, "export", "--artifact", a, "--engine", "trtllm", "--out", a, "--overwrite")
+    assert_clear(rc, err, "input")
+    assert tree_digest(model) == before and text.is_dir() and (a / "manifest.json").is_file()
+
+
+def test_overwrite_of_own_artifact_leaves_no_temporaries(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "art"
+    assert main(prune_args(tiny_model_dir, out)) == 0
+    assert json.loads((out / MARKER).read_text())["kind"] == "artifact"
+    assert main(prune_args(tiny_model_dir, out, "--overwrite", "--seed", "1")) == 0
+    assert leftovers(tmp_path) == [] and (out / "manifest.json").is_file()
+    (out / MARKER).unlink()  # an artifact written before markers existed is armor-export's too
+    assert main(prune_args(tiny_model_dir, out, "--overwrite")) == 0 and (out / MARKER).is_file()
+
+
+def test_out_that_is_a_file_or_under_a_file(capsys, tiny_model_dir, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, f, "--overwrite"))
+    assert_clear(rc, err, f, "is a file")
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, f / "sub" / "art"))
+    assert_clear(rc, err, f, "is a file")
+    assert f.read_text() == "keep" and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- locks
+
+def test_concurrent_run_into_the_same_out_fails_at_once(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "art"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from armor_export.fsutil import output_lock
+            with output_lock({str(out)!r}):
+                print("locked", flush=True)
+                time.sleep(60)
+            """)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out))
+        assert_clear(rc, err, out, f"pid {holder.pid}", "another armor-export run")
+        assert time.monotonic() - t0 < 10, "the second run must fail at once, before loading anything"
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock file is stale and taken over
+    assert lock_path(out).exists()
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out))
+    assert rc == 0 and "stale lock" in err and str(holder.pid) in err
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "art"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_path(out).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out))
+    assert rc == 0 and "stale lock" in err and "no longer running" in err
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- OS errors
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(size, ro=False) -> a fresh tmpfs folder; skipped where mounting is not allowed."""
+    points = []
+
+    def make(size: str, ro: bool = False) -> Path:
+        d = tmp_path / f"mnt{len(points)}"
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]})")
+        points.append(d)
+        return d
+
+    yield make
+    for d in points:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_full_disk_real_tmpfs(capsys, tiny_model_dir, mount):
+    disk = mount("96k")
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, disk / "art", "--no-resume"))
+    assert_clear(rc, err, disk / "art", "No space left on device")
+    assert list(disk.iterdir()) == []
+
+
+def test_full_disk_monkeypatched_write(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    import armor_export.artifact as artifact
+
+    real = artifact.save_file
+
+    def half_then_enospc(tensors, path, metadata=None):
+        if path.endswith("base.safetensors"):
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(artifact, "save_file", half_then_enospc)
+    out = tmp_path / "deep" / "art"
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out, "--no-resume"))
+    assert_clear(rc, err, out, "No space left on device", "free space")
+    assert list(tmp_path.iterdir()) == [], "no output, temporary, lock, store or created parent may remain"
+    # with checkpoints (the default) the finished layers stay for the rerun, and the message says so
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out))
+    assert_clear(rc, err, out, "No space left on device", "rerun the same command to resume")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["art.partial"]
+    monkeypatch.setattr(artifact, "save_file", real)
+    assert main(prune_args(tiny_model_dir, out)) == 0 and leftovers(out.parent) == []
+
+
+def test_read_only_out(capsys, tiny_model_dir, mount):
+    ro = mount("1m", ro=True)
+    t0 = time.monotonic()
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, ro / "art", "--no-resume", method="nowag"))
+    assert_clear(rc, err, ro, "read-only")
+    assert time.monotonic() - t0 < 10, "a read-only --out must fail before the solve"
+
+
+# ---------------------------------------------------------------- early failures leave nothing
+
+def test_early_failure_leaves_nothing(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "new" / "art"
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out, "--calib-text", tmp_path / "missing.txt",
+                                          method="nowag"))
+    assert rc == 2 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [], "no --out, no empty .partial/, no lock, no created parent"
+
+
+def test_one_shot_run_early_failure_then_resume_without_overwrite(capsys, tiny_model_dir, tiny_text_dir, tmp_path,
+                                                                   monkeypatch):
+    out = tmp_path / "run"
+    base = ["--model", tiny_model_dir, "--method", "magnitude", "--eval-text", tiny_text_dir / "eval",
+            "--eval-windows", "2", "--eval-seqlen", "32", "--out", out]
+    rc, err = run_cli(capsys, *base, "--eval-seqlen", "0")
+    assert rc == 2 and "Traceback" not in err and not out.exists(), "a failed one-shot run must not leave --out"
+    # a crash while writing the artifact, after every layer was checkpointed
+    import armor_export.artifact as artifact
+
+    real = artifact.save_file
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact, "save_file", enospc)
+    rc, err = run_cli(capsys, *base)
+    assert_clear(rc, err, "No space left")
+    assert json.loads((out / MARKER).read_text())["complete"] is False and (out / "artifact.partial").is_dir()
+    monkeypatch.setattr(artifact, "save_file", real)
+    rc, err = run_cli(capsys, *base)  # the same command, no --overwrite: resumes the incomplete run
+    assert rc == 0, err
+    assert json.loads((out / MARKER).read_text())["complete"] is True
+    assert json.loads((out / "artifact" / "manifest.json").read_text())["execution"]["resumed_layers"] == 14
+    rc, err = run_cli(capsys, *base)  # a complete run folder needs --overwrite
+    assert_clear(rc, err, "--overwrite")
+    assert leftovers(tmp_path) == [] and leftovers(out) == []
+
+
+# ---------------------------------------------------------------- kill -9 and resume checkpoints
+
+def test_kill_9_during_the_solve_then_resume(capsys, tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
+    """A forked child SIGKILLs itself after its third checkpointed layer; the rerun resumes and gives the
+    same factors as an uninterrupted run."""
+    from armor_export.artifact import load_artifact
+    from armor_export.resume import LayerStore
+
+    calib = ["--calib-text", tiny_text_dir / "calib", "--calib-samples", "4", "--calib-seqlen", "32"]
+    out = tmp_path / "art"
+    real, saved = LayerStore.save, []
+
+    def save_then_die(self, name, lf):
+        real(self, name, lf)
+        saved.append(name)
+        if len(saved) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            monkeypatch.setattr(LayerStore, "save", save_then_die)
+            main(prune_args(tiny_model_dir, out, *calib, method="nowag"))
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert not out.exists()
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out, *calib, method="nowag"))
+    assert rc == 0 and "resuming: 3 of 14" in err, err
+    ref = tmp_path / "ref"
+    assert main(prune_args(tiny_model_dir, ref, *calib, "--no-resume", method="nowag")) == 0
+    a, b = load_artifact(out), load_artifact(ref)
+    for n, lf in b.layers.items():
+        assert lf.factors.S.equal(a.layers[n].factors.S)
+    assert leftovers(tmp_path) == []
+
+
+def test_kill_9_during_the_artifact_write_then_resume(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """A forked child (modules already imported: fast) SIGKILLs itself half-way through base.safetensors."""
+    import armor_export.artifact as artifact
+
+    out = tmp_path / "art"
+    real = artifact.save_file
+
+    def killed(t, path, metadata=None):
+        if path.endswith("base.safetensors"):
+            Path(path).write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(t, path, metadata=metadata)
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            monkeypatch.setattr(artifact, "save_file", killed)
+            main(prune_args(tiny_model_dir, out))
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert not out.exists() and any(TMP_TAG in p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out))
+    assert rc == 0 and "stale lock" in err, err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["execution"]["resumed_layers"] == len(man["targets"])
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_resume_checkpoint_is_solved_again_alone(capsys, tiny_model_dir, tiny_text_dir, tmp_path,
+                                                         monkeypatch):
+    import armor_export.pipeline as pipeline
+    from armor_export.artifact import load_artifact
+
+    calib = ["--calib-text", tiny_text_dir / "calib", "--calib-samples", "4", "--calib-seqlen", "32"]
+    args = prune_args(tiny_model_dir, tmp_path / "art", *calib, method="nowag")
+    real = pipeline.save_artifact
+    monkeypatch.setattr(pipeline, "save_artifact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main([str(x) for x in args]) == 130
+    store = tmp_path / "art.partial"
+    bad = "model.layers.1.self_attn.k_proj"
+    flip_byte(store / f"{bad}.safetensors", at=-5)
+    monkeypatch.setattr(pipeline, "save_artifact", real)
+    capsys.readouterr()
+    rc, err = run_cli(capsys, *args)
+    assert rc == 0 and f"solving layer {bad} again" in err and f"{bad}.safetensors" in err, err
+    man = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert man["execution"]["resumed_layers"] == len(man["targets"]) - 1
+    ref = tmp_path / "ref"
+    assert main([str(x) for x in prune_args(tiny_model_dir, ref, *calib, "--no-resume", method="nowag")]) == 0
+    a, b = load_artifact(tmp_path / "art"), load_artifact(ref)
+    assert all(a.layers[n].factors.S.equal(b.layers[n].factors.S) for n in man["targets"])
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the artifact's integrity chain
+
+WRONG = {str: 123, int: "x", bool: "yes", dict: [], list: {}}
+
+
+def _wrong(types):
+    ts = types if isinstance(types, tuple) else (types,)
+    if dict in ts:
+        return 5
+    return next(WRONG[t] for t in (str, list, bool, int) if t in ts) if not set(ts) & {int, float} else "x"
+
+
+@pytest.mark.parametrize("field", sorted(TOP))
+def test_every_top_level_manifest_field_removed_or_retyped(capsys, art, tmp_path, field):
+    types, required = TOP[field]
+    a = copy_art(art, tmp_path / "a")
+    rewrite_manifest(a, lambda m: m.pop(field))
+    rc, err = run_cli(capsys, "report", "--artifact", a)
+    if required:
+        assert_clear(rc, err, f"'{field}'", "manifest.json")
+    else:
+        assert rc == 0 and "Traceback" not in err  # provenance only: the artifact stays readable
+    b = copy_art(art, tmp_path / "b")
+    rewrite_manifest(b, lambda m: m.__setitem__(field, _wrong(types)))
+    rc, err = run_cli(capsys, "report", "--artifact", b)
+    assert_clear(rc, err, "manifest.json", "format" if field in ("format",) else field)
+
+
+@pytest.mark.parametrize("field", sorted(LAYER))
+def test_every_layer_field_removed_or_retyped(capsys, art, tmp_path, field):
+    types, required = LAYER[field]
+    name = json.loads((art / "manifest.json").read_text())["targets"][0]
+    a = copy_art(art, tmp_path / "a")
+    rewrite_manifest(a, lambda m: m["layers"][name].pop(field, None))
+    rc, err = run_cli(capsys, "report", "--artifact", a)
+    if required:
+        assert_clear(rc, err, f"layers.{name}.{field}", "manifest.json")
+    else:
+        assert rc == 0 and "Traceback" not in err
+    b = copy_art(art, tmp_path / "b")
+    rewrite_manifest(b, lambda m: m["layers"][name].__setitem__(field, _wrong(types)))
+    rc, err = run_cli(capsys, "report", "--artifact", b)
+    assert_clear(rc, err, f"layers.{name}.{field}", "manifest.json")
+
+
+def test_schema_declares_every_field_the_pipeline_writes(art):
+    man = json.loads((art / "manifest.json").read_text())
+    assert set(man) <= set(TOP), f"declare new manifest fields in armor_export/manifest.py TOP: {set(man) - set(TOP)}"
+    for entry in man["layers"].values():
+        assert set(entry) <= set(LAYER), f"declare new layer fields in armor_export/manifest.py LAYER"
+
+
+def test_missing_files_section_and_missing_entries(capsys, art, tmp_path):
+    a = copy_art(art, tmp_path / "a")
+    rewrite_manifest(a, lambda m: m.pop("files"))
+    assert_clear(*run_cli(capsys, "report", "--artifact", a), "'files'")
+    b = copy_art(art, tmp_path / "b")
+    rewrite_manifest(b, lambda m: m["files"].pop("config.json"))
+    assert_clear(*run_cli(capsys, "eval", "--artifact", b), "'files'", "config.json")
+
+
+@pytest.mark.parametrize("victim", ["config.json", "tokenizer.json", "base.safetensors", "factors.safetensors"])
+def test_flipped_byte_in_any_artifact_file(capsys, art, tmp_path, victim):
+    a = copy_art(art, tmp_path / "a")
+    flip_byte(a / victim, at=len((a / victim).read_bytes()) // 2)
+    rc, err = run_cli(capsys, "export", "--artifact", a, "--engine", "trtllm", "--out", tmp_path / "e")
+    assert_clear(rc, err, a / victim, "sha256")
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+
+
+def test_added_file_and_digest_mismatch(capsys, art, tmp_path):
+    a = copy_art(art, tmp_path / "a")
+    (a / "tokenizer.model").write_bytes(b"another tokenizer")
+    assert_clear(*run_cli(capsys, "eval", "--artifact", a), a / "tokenizer.model", "not listed")
+    b = copy_art(art, tmp_path / "b")
+    man = json.loads((b / "manifest.json").read_text())
+    man["method"] = "armor"  # an edit that leaves the JSON valid
+    (b / "manifest.json").write_text(json.dumps(man, indent=2))
+    assert_clear(*run_cli(capsys, "report", "--artifact", b), b / "manifest.json", DIGEST)
+    (b / DIGEST).unlink()
+    assert_clear(*run_cli(capsys, "report", "--artifact", b), b / DIGEST, "missing")
+
+
+def test_format_version_as_string(capsys, art, tmp_path):
+    a = copy_art(art, tmp_path / "a")
+    rewrite_manifest(a, lambda m: m.__setitem__("format_version", "2"))
+    rc, err = run_cli(capsys, "report", "--artifact", a)
+    assert_clear(rc, err, "'format_version'", "string '2'", "integer 2")
+
+
+def test_version_1_artifact_is_still_read(capsys, art, tmp_path):
+    from armor_export.artifact import load_artifact
+
+    a = copy_art(art, tmp_path / "a")
+    (a / DIGEST).unlink()
+
+    def v1(m):
+        m["format_version"] = 1
+        m["files"] = {k: v for k, v in m["files"].items() if k.endswith(".safetensors")}
+    man = json.loads((a / "manifest.json").read_text())
+    v1(man)
+    (a / "manifest.json").write_text(json.dumps(man))
+    assert set(load_artifact(a).layers) == set(man["targets"])
+    assert "format version 1" in capsys.readouterr().err
+
+
+def test_edited_shape_and_corrupt_s_meta_name_layer_and_file(capsys, art, tmp_path):
+    name = json.loads((art / "manifest.json").read_text())["targets"][0]
+    a = copy_art(art, tmp_path / "a")
+    rewrite_manifest(a, lambda m: m["layers"][name].__setitem__("shape", [m["layers"][name]["shape"][0], 128]))
+    assert_clear(*run_cli(capsys, "eval", "--artifact", a), name, "factors.safetensors")
+    b = copy_art(art, tmp_path / "b")
+    t = load_file(str(b / "factors.safetensors"))
+    t[f"{name}.S_meta"][0, 0] = 0xFF  # kept positions (3, 3): not a valid 2:4 code
+    save_file(t, str(b / "factors.safetensors"))
+    rehash(b, "factors.safetensors")
+    assert_clear(*run_cli(capsys, "eval", "--artifact", b), name, "factors.safetensors", "S_meta")
+
+
+def test_layer_removed_from_the_manifest_is_blamed_correctly(capsys, art, tmp_path):
+    name = json.loads((art / "manifest.json").read_text())["targets"][0]
+    a = copy_art(art, tmp_path / "a")
+    rewrite_manifest(a, lambda m: m["layers"].pop(name))
+    assert_clear(*run_cli(capsys, "eval", "--artifact", a), name, "'targets'", "'layers'")
+
+    def drop(m):
+        m["layers"].pop(name)
+        m["targets"].remove(name)
+    b = copy_art(art, tmp_path / "b")
+    rewrite_manifest(b, drop)
+    rc, err = run_cli(capsys, "eval", "--artifact", b)
+    assert_clear(rc, err, name, "factors.safetensors", "no entry in the manifest")
+    assert "base.safetensors" not in err
+
+
+# ---------------------------------------------------------------- engine folders
+
+def test_engine_folder_hashes_are_checked_first(capsys, art, tmp_path):
+    eng = tmp_path / "trtllm"
+    assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--out", str(eng)]) == 0
+    listed = (eng / HASHES).read_text()
+    assert "model.safetensors" in listed and "config.json" in listed and (eng / MARKER).is_file()
+    flip_byte(eng / "model.safetensors", at=len((eng / "model.safetensors").read_bytes()) // 2)
+    rc, err = run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng)
+    assert_clear(rc, err, eng / "model.safetensors", HASHES)
+    assert not (eng / "parity.json").exists(), "no parity report for a folder that failed its hash check"
+    shutil.rmtree(eng)
+    assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--out", str(eng)]) == 0
+    (eng / "extra.py").write_text("print('hi')")
+    assert_clear(*run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng),
+                 eng / "extra.py", "not listed")
+    (eng / "extra.py").unlink()
+    (eng / HASHES).unlink()
+    assert_clear(*run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng),
+                 eng / HASHES, "missing")
+
+
+@pytest.mark.slow  # two fp16 ONNX exports (~13 s on 2 cores)
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_hint_gives_a_command_that_is_not_refused(capsys, art, tmp_path):
+    out = tmp_path / "trt"
+    rc, err = run_cli(capsys, "export", "--artifact", art, "--engine", "tensorrt", "--out", out)
+    assert_clear(rc, err, "TensorRT is not installed", f"--out {out} --overwrite")
+    assert "rerun this command" not in err and (out / HASHES).is_file()
+    rc, err = run_cli(capsys, "export", "--artifact", art, "--engine", "tensorrt", "--out", out, "--overwrite")
+    assert_clear(rc, err, "TensorRT is not installed")  # the hint's command runs; only TensorRT is missing
+    assert "already exists" not in err and leftovers(tmp_path) == []
