@@ -94,19 +94,30 @@ def trtllm_status(ckpt_dir: Path) -> tuple[str, dict]:
 class TrtllmLowering:
     name = "trtllm"
 
-    def requires(self, artifact_dir: Path) -> None:
+    # cfg: engines.base.ExportConfig, as the CLI calls every engine (the keyword forms remain for this module's
+    # tests until the trtllm branch converts the engine fully)
+    def requires(self, artifact_dir: Path, cfg=None) -> None:
         from armor_export.adapters import family_for
 
         cfg = json.loads((Path(artifact_dir) / "config.json").read_text())
         family_for(cfg.get("model_type"), str(Path(artifact_dir) / "config.json"))
 
-    def lower(self, artifact_dir: Path, out_dir: Path, *, dtype: str | None = None, overwrite: bool = False) -> Path:
+    def lower(self, artifact_dir: Path, out_dir: Path, cfg=None, *, dtype: str | None = None,
+              overwrite: bool = False) -> Path:
+        if cfg is not None:
+            dtype, overwrite = cfg.dtype, cfg.overwrite
         self.requires(artifact_dir)
         return hfc.write_checkpoint(artifact_dir, out_dir, dtype=dtype, overwrite=overwrite)
 
-    def verify(self, artifact_dir: Path, engine_dir: Path, *, report_dir: Path | None = None, eval_cfg=None,
-               gpu: bool | None = None) -> dict:
+    def verify(self, artifact_dir: Path, engine_dir: Path, cfg=None, *, report_dir: Path | None = None,
+               eval_cfg=None, gpu: bool | None = None) -> dict:
         from armor_export.artifact import load_artifact
+
+        caller_tokens = None
+        if cfg is not None:
+            report_dir = cfg.report_dir
+            if cfg.parity_tokens:
+                caller_tokens = torch.as_tensor([list(t)[:PARITY_SEQLEN] for t in cfg.parity_tokens[:PARITY_WINDOWS]])
 
         t0 = time.perf_counter()
         engine_dir = Path(engine_dir)
@@ -125,7 +136,8 @@ class TrtllmLowering:
         checks.append(Check("S zeros are +0.0 in the written bytes (count of -0.0)", float(negz), "== 0", negz == 0))
 
         stored = hfc.resolve_dtype({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[cfg["torch_dtype"]])
-        tokens = parity_tokens(engine_dir, eval_cfg, vocab_size=cfg.get("vocab_size"))
+        tokens = caller_tokens if caller_tokens is not None else \
+            parity_tokens(engine_dir, eval_cfg, vocab_size=cfg.get("vocab_size"))
         test, _ = checkpoint_logits(engine_dir, tokens)
         same = compare(artifact_logits(artifact_dir, tokens, stored), test)
         checks.append(Check(f"load-back: logits vs artifact runtime, both {cfg['torch_dtype']} (max abs)",
