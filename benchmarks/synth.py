@@ -117,13 +117,16 @@ def make_family_dir(path: Path, family: str) -> Path:
     return make_tiny_model_dir(path, model_type=family, bos=bos, perturb=0.1, **kw)
 
 
-def family_artifact(root: Path, family: str, text_dir: Path, *, iterations: int = 2) -> Path:
-    """Tiny family model -> ARMOR artifact (b = 8, few iterations, 2 x 16 calibration tokens)."""
+def family_artifact(root: Path, family: str, text_dir: Path, *, method: str = "wanda", b: int = 8) -> Path:
+    """Tiny family model -> 2:4 artifact (``method`` with calibration on 2 x 16 tokens of ``text_dir``, through the
+    family's pruned linears and shared inputs) -> random non-identity A/B blocks of size b and a bias on every
+    linear (``with_random_blocks``; the manifest says ``synthetic_blocks``): every part of the A.S.B lowering is
+    exercised at the cost of a forward pass instead of an ARMOR solve."""
     from armor_export import pipeline
     from armor_export.config import CalibConfig
     from solver.config import SolverConfig
 
     src = make_family_dir(root / family, family)
-    return pipeline.prune(str(src), SolverConfig(method="armor", block_size=8, iterations=iterations),
-                          CalibConfig(text=str(text_dir), samples=2, seqlen=16), root / f"{family}-armor",
-                          progress=False)
+    pruned = pipeline.prune(str(src), SolverConfig(method=method, block_size=b), CalibConfig(
+        text=str(text_dir), samples=2, seqlen=16), root / f"{family}-{method}", progress=False)
+    return with_random_blocks(pruned, root / f"{family}-armor", b=b)

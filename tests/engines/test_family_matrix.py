@@ -6,7 +6,7 @@ norm offset / embedding scale / soft-capping), pruned with ARMOR (2 iterations) 
 Reference: the artifact's PyTorch runtime in fp32 on CPU. Tolerances per dtype (engines.parity.TOLERANCES, and
 stated here): fp32 ONNX logits >= 100 dB SQNR (measured 124-137 dB), top-1 = 1, greedy tokens identical through
 the ORT KV graph and onnxruntime-genai; fp16 TensorRT ONNX run in ORT CPU >= 30 dB (the fp16 row). One artifact
-and one "onnx" engine folder per family (module-scoped), parity sequences of 40 tokens (> every window).
+and one "onnx" engine folder per family (module-scoped), one parity sequence of 40 tokens (> every window).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def built(tmp_path_factory, tiny_text_dir):
             low = OnnxLowering()
             eng = low.lower(art, root / f"{family}-onnx", ExportConfig())
             g = torch.Generator().manual_seed(0)
-            toks = tuple(tuple(r) for r in torch.randint(3, 300, (2, SEQ), generator=g).tolist())
+            toks = tuple(tuple(r) for r in torch.randint(3, 300, (1, SEQ), generator=g).tolist())
             res = low.verify(art, eng, ExportConfig(report_dir=root / f"{family}-report", parity_tokens=toks))
             cache[family] = (art, eng, res, torch.tensor(toks))
         return cache[family]
@@ -98,8 +98,6 @@ def test_window_is_shorter_than_the_test_sequence_and_matters(built, family):
     facts = model_facts(AutoConfig.from_pretrained(src))
     w = max(x for x in facts.windows if x)
     assert w < SEQ
-    cfg = json.loads((art / "genai" / "genai_config.json").read_text()) if (art / "genai").is_dir() else None
-    assert cfg is None
     outs = []
     for window in (w, 10 * SEQ):
         m = AutoModelForCausalLM.from_pretrained(src, sliding_window=window).eval()
@@ -120,7 +118,8 @@ def test_genai_config_token_fallbacks_and_window(built):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tensorrt_onnx_written_and_checked(built, family, tmp_path):
-    """The TensorRT engine's fp16 ONNX: every S 2:4 along K and fed straight to its MatMul; run in ORT CPU."""
+    """The TensorRT engine's fp16 ONNX: every S 2:4 along K and fed straight to its MatMul; run in ORT CPU.
+    (Where TensorRT is installed the engines are built too; the GPU build and its parity are test_trt.py's.)"""
     from engines import EngineUnavailable
     from engines.onnx_checks import check_s_initializers
     from engines.parity import TOLERANCES, error_stats
