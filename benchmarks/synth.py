@@ -34,9 +34,13 @@ def sample_text(n_chars: int = 60000) -> str:
     return " ".join(words[i] for i in torch.randint(len(words), (12000,), generator=g).tolist())
 
 
-def make_tiny_model_dir(path: Path, *, model_type: str = "llama", text: str | None = None, **overrides) -> Path:
+def make_tiny_model_dir(path: Path, *, model_type: str = "llama", text: str | None = None, bos: bool = True,
+                        perturb: float = 0.0, **overrides) -> Path:
     """Save a random tiny causal LM with a BPE tokenizer trained on ``text`` (default ``sample_text()``)
-    to ``path`` (an HF folder); ``overrides`` change the config (default ``TINY``)."""
+    to ``path`` (an HF folder); ``overrides`` change the config (default ``TINY``, tied embeddings, bos 1,
+    eos 2). ``bos=False``: no bos token anywhere (config, generation config, tokenizer), as in Qwen2
+    folders. ``perturb`` > 0 adds seeded noise of that size to every bias and norm weight (which
+    transformers initialises to 0 / 1), so the tests see non-trivial biases, norms and q/k norms."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -47,13 +51,27 @@ def make_tiny_model_dir(path: Path, *, model_type: str = "llama", text: str | No
     trainer = trainers.BpeTrainer(vocab_size=cfg_kw["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator([sample_text() if text is None else text], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>" if bos else None,
+                                  eos_token="</s>")
     cfg_kw["vocab_size"] = max(cfg_kw["vocab_size"], len(tok))
-    config = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **cfg_kw)
+    cfg_kw = {"bos_token_id": 1 if bos else None, "eos_token_id": 2, "tie_word_embeddings": True, **cfg_kw}
+    config = AutoConfig.for_model(model_type, **cfg_kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    if perturb:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias") or "norm" in name:
+                    p.add_(perturb * torch.randn(p.shape, generator=g))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    if not bos and (path / "generation_config.json").is_file():
+        import json
+
+        gen = json.loads((path / "generation_config.json").read_text())
+        gen.pop("bos_token_id", None)
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tok.save_pretrained(path)
     return path
 
@@ -75,3 +93,40 @@ def with_random_blocks(src: Path, out: Path, *, identity: bool = False, b: int =
     man = {k: v for k, v in art.manifest.items() if k not in ("layers", "files", "model_files")}
     man["synthetic_blocks"] = {"block_size": None if identity else b, "seed": seed, "noise": noise}
     return save_artifact(out, layers=layers, base=art.base, source_dir=art.path, manifest=man, overwrite=overwrite)
+
+
+# Per family: the config overrides of its tiny test model, each family's quirks switched on (windows shorter
+# than the parity sequences, odd head_dim, GQA from TINY, untied lm_head, biases, missing bos, soft-capping).
+FAMILY_QUIRKS: dict[str, dict] = {
+    "llama": dict(head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": dict(sliding_window=12, tie_word_embeddings=False),
+    "qwen2": dict(use_sliding_window=True, sliding_window=12, max_window_layers=1, bos=False),
+    "qwen3": dict(head_dim=24, attention_bias=True, tie_word_embeddings=False),
+    "phi3": dict(sliding_window=10, tie_word_embeddings=False, pad_token_id=0),
+    "gemma2": dict(sliding_window=12, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   query_pre_attn_scalar=24),
+}
+
+
+def make_family_dir(path: Path, family: str) -> Path:
+    """The tiny model of ``family`` with its quirks (FAMILY_QUIRKS) and perturbed biases / norms."""
+    kw = dict(FAMILY_QUIRKS[family])
+    bos = kw.pop("bos", True)
+    return make_tiny_model_dir(path, model_type=family, bos=bos, perturb=0.1, **kw)
+
+
+def family_artifact(root: Path, family: str, text_dir: Path, *, method: str = "wanda", b: int = 8) -> Path:
+    """Tiny family model -> 2:4 artifact (``method`` with calibration on 2 x 16 tokens of ``text_dir``, through the
+    family's pruned linears and shared inputs) -> random non-identity A/B blocks of size b and a bias on every
+    linear (``with_random_blocks``; the manifest says ``synthetic_blocks``): every part of the A.S.B lowering is
+    exercised at the cost of a forward pass instead of an ARMOR solve."""
+    from armor_export import pipeline
+    from armor_export.config import CalibConfig
+    from solver.config import SolverConfig
+
+    src = make_family_dir(root / family, family)
+    pruned = pipeline.prune(str(src), SolverConfig(method=method, block_size=b), CalibConfig(
+        text=str(text_dir), samples=2, seqlen=16), root / f"{family}-{method}", progress=False)
+    return with_random_blocks(pruned, root / f"{family}-armor", b=b)

@@ -1,0 +1,162 @@
+"""Every family through every ONNX engine: tiny random models with their quirks on (benchmarks.synth.FAMILY_QUIRKS:
+llama3 RoPE, q/k/v/o and MLP biases, sliding windows shorter than the sequences, alternating sliding layers,
+GQA, head_dim != hidden/heads, untied lm_head, missing bos, q/k norms, fused Phi-3 projections, Gemma 2's
+norm offset / embedding scale / soft-capping), pruned with ARMOR (2 iterations) -> artifact -> engines.
+
+Reference: the artifact's PyTorch runtime in fp32 on CPU. Tolerances per dtype (engines.parity.TOLERANCES, and
+stated here): fp32 ONNX logits >= 100 dB SQNR (measured 124-137 dB), top-1 = 1, greedy tokens identical through
+the ORT KV graph and onnxruntime-genai; fp16 TensorRT ONNX run in ORT CPU >= 30 dB (the fp16 row). One artifact
+and one "onnx" engine folder per family (module-scoped), one parity sequence of 40 tokens (> every window).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.synth import FAMILY_QUIRKS, family_artifact
+from engines.base import ExportConfig
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime_genai")
+
+FAMILIES = sorted(FAMILY_QUIRKS)
+SEQ = 40  # > 2 x the longest window (12) + the greedy prompt
+FP32_FLOOR_DB = 100.0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_text_dir):
+    """family -> (artifact, onnx engine folder, verify result); built on first use."""
+    from engines.onnx_engine import OnnxLowering
+
+    root, cache = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str):
+        if family not in cache:
+            art = family_artifact(root, family, tiny_text_dir / "calib")
+            low = OnnxLowering()
+            eng = low.lower(art, root / f"{family}-onnx", ExportConfig())
+            g = torch.Generator().manual_seed(0)
+            toks = tuple(tuple(r) for r in torch.randint(3, 300, (1, SEQ), generator=g).tolist())
+            res = low.verify(art, eng, ExportConfig(report_dir=root / f"{family}-report", parity_tokens=toks))
+            cache[family] = (art, eng, res, torch.tensor(toks))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_logits_kv_and_genai_match_pytorch(built, family):
+    art, eng, res, _ = built(family)
+    fig = res["figures"]
+    assert res["passed"], {k: v for k, v in res["checks"].items() if not v}
+    assert fig["logits SQNR"] >= FP32_FLOOR_DB and fig["top-1 agreement"] == 1.0, fig
+    greedy = next(k for k in fig if k.startswith("greedy"))
+    assert fig[greedy] == "identical" and "genai" in greedy
+    doc = json.loads((art.parent / f"{family}-report" / "parity.json").read_text())
+    assert doc["meta"]["family"] == family and doc["meta"]["parity_tokens"]["seqlen"] == SEQ
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_form_prefill_then_chunk_past_the_window(built, family):
+    """The KV graph fed a 13-token prefill, then the rest with the past: logits equal PyTorch's everywhere."""
+    from engines.runners import OrtRunner
+    from engines.torch_module import load_armor_model
+
+    art, eng, _, toks = built(family)
+    ids = toks[:1]
+    model, _ = load_armor_model(art)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    r = OrtRunner(eng / "genai")
+    past, (kvh, d), npdt = r.past_spec()
+    feeds = {n: np.zeros((1, kvh, 0, d), npdt) for n in past}
+    got, cut = [], 13
+    for lo, hi in ((0, cut), (cut, SEQ)):
+        feeds.update(input_ids=ids[:, lo:hi].numpy(), attention_mask=np.ones((1, hi), np.int64),
+                     position_ids=np.arange(lo, hi)[None])
+        out = r.run(feeds)
+        got.append(torch.from_numpy(out["logits"]))
+        feeds.update({n: out[n.replace("past_key_values.", "present.")] for n in past})
+    from engines.parity import sqnr_db
+
+    assert sqnr_db(ref, torch.cat(got, 1)) >= FP32_FLOOR_DB
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3", "gemma2"])
+def test_window_is_shorter_than_the_test_sequence_and_matters(built, family):
+    """Without the window PyTorch's logits change past it, so the parity above covers the window mask."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from armor_export.adapters import model_facts
+
+    art, _, _, toks = built(family)
+    src = art.parent / family
+    facts = model_facts(AutoConfig.from_pretrained(src))
+    w = max(x for x in facts.windows if x)
+    assert w < SEQ
+    outs = []
+    for window in (w, 10 * SEQ):
+        m = AutoModelForCausalLM.from_pretrained(src, sliding_window=window).eval()
+        with torch.no_grad():
+            outs.append(m(input_ids=toks[:1]).logits)
+    assert torch.allclose(outs[0][:, :w], outs[1][:, :w], atol=1e-5)
+    assert (outs[0][:, w + 1:] - outs[1][:, w + 1:]).abs().max() > 1e-3
+
+
+def test_genai_config_token_fallbacks_and_window(built):
+    art, eng, _, _ = built("qwen2")
+    cfg = json.loads((eng / "genai" / "genai_config.json").read_text())
+    assert json.loads((art / "config.json").read_text()).get("bos_token_id") is None
+    assert cfg["model"]["bos_token_id"] == cfg["model"]["eos_token_id"] == 2  # bos falls back to eos
+    assert cfg["model"]["decoder"]["sliding_window"] == {"window_size": 12, "slide_key_value_cache": False,
+                                                         "slide_inputs": False}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensorrt_onnx_written_and_checked(built, family, tmp_path):
+    """The TensorRT engine's fp16 ONNX: every S 2:4 along K and fed straight to its MatMul; run in ORT CPU.
+    (Where TensorRT is installed the engines are built too; the GPU build and its parity are test_trt.py's.)"""
+    from engines import EngineUnavailable
+    from engines.onnx_checks import check_s_initializers
+    from engines.parity import TOLERANCES, error_stats
+    from engines.runners import OrtRunner, logits_feeds
+    from engines.tensorrt import TensorRTLowering
+    from engines.torch_module import load_armor_model
+
+    art, _, _, toks = built(family)
+    try:
+        out = TensorRTLowering().lower(art, tmp_path / "trt", ExportConfig(dtype="fp16"))
+    except EngineUnavailable:
+        out = tmp_path / "trt"  # no TensorRT here: the checked ONNX is still written
+    rep = check_s_initializers(out / "onnx" / "model.onnx")
+    n_layers = len(json.loads((art / "manifest.json").read_text())["layers"])
+    assert rep["passed"] and rep["count"] == n_layers
+    model, _ = load_armor_model(art)
+    with torch.no_grad():
+        ref = model(input_ids=toks[:1]).logits
+    got = OrtRunner(out / "onnx").run(logits_feeds(toks[:1].numpy()))["logits"].astype(np.float32)
+    assert error_stats(ref, torch.from_numpy(got))["sqnr_db"] >= TOLERANCES["fp16"]["logits_sqnr_db"]
+
+
+def test_unsupported_feature_fails_before_any_work(tmp_path, capsys):
+    """A feature the graph cannot express (dynamic RoPE): requires() names family, feature and engine; the
+    one-shot CLI run exits 2 before pruning and writes nothing."""
+    from transformers import AutoConfig
+
+    from armor_export.adapters import UnsupportedFeature
+    from armor_export.cli import main
+    from engines import get_lowering
+
+    d = tmp_path / "dyn"
+    AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}).save_pretrained(d)
+    for engine in ("onnx", "genai", "tensorrt"):
+        with pytest.raises(UnsupportedFeature, match=rf"family 'llama' needs RoPE type 'dynamic'.*'{engine}' engine"):
+            get_lowering(engine).requires(d, ExportConfig())
+    rc = main(["--engine", "onnx", "--model", str(d), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "RoPE type 'dynamic'" in err and "'onnx' engine" in err
+    assert not (tmp_path / "out").exists()
