@@ -160,3 +160,40 @@ def test_unsupported_feature_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "RoPE type 'dynamic'" in err and "'onnx' engine" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trtllm_checkpoint_loads_back_or_is_refused(built, family, tmp_path):
+    """The TensorRT-LLM checkpoint of every family loads back (engines.hf_checkpoint, no TensorRT-LLM) with logits
+    identical to the artifact's runtime in fp32 (same operations on the same values: max |diff| == 0). For the
+    families TensorRT-LLM takes, the ARMOR module plan covers exactly the checkpoint's ARMOR tensors; the others
+    (Phi-3, Gemma 2) are refused by requires() naming family and engine."""
+    from armor_export.adapters import UnsupportedFeature, model_facts
+    from engines import hf_checkpoint as hfc
+    from engines.parity import compare
+    from engines.trtllm import REFUSED, TRTLLM_FAMILIES, TrtllmLowering, artifact_logits
+    from engines.trtllm_linear import projection_plan
+    from transformers import AutoConfig
+
+    art, _, _, toks = built(family)
+    ck = hfc.write_checkpoint(art, tmp_path / "ck", dtype="fp32")
+    assert hfc.schema_problems(ck) == []
+    got, _ = hfc.checkpoint_logits(ck, toks)
+    ref = artifact_logits(art, toks, torch.float32)
+    assert torch.equal(got, ref), compare(ref, got)
+    low, cfg = TrtllmLowering(), ExportConfig()
+    if family not in TRTLLM_FAMILIES:
+        with pytest.raises(UnsupportedFeature, match=f"family '{family}'.*'trtllm' engine"):
+            low.requires(art, cfg)
+        assert family in REFUSED
+        return
+    low.requires(art, cfg)
+    layers = hfc.read_config(ck)["armor"]["layers"]
+    header = hfc.read_safetensors_header(ck / hfc.WEIGHTS)
+    planned = {f"{p.name}.{k}": list(s) for parts in projection_plan(model_facts(AutoConfig.from_pretrained(ck)),
+                                                                    layers).values()
+               for p in parts for k, s in p.shapes().items()}
+    armor = {k: h["shape"] for k, h in header.items() if k.rsplit(".", 1)[0] in layers}
+    dense_in_plan = {k: header[k]["shape"] for k in planned if k not in armor}
+    assert {k: v for k, v in planned.items() if k in armor} == armor and set(armor) <= set(planned)
+    assert all(planned[k] == v for k, v in dense_in_plan.items())  # dense parts of a fused module: real tensors

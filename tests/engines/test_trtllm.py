@@ -116,7 +116,7 @@ def test_underflow_to_negative_zero_is_normalised(tiny_model_dir, tmp_path):
 def test_verify_load_back_parity_and_report(artifact, ckpt, tmp_path):
     from engines.trtllm import TrtllmLowering
 
-    res = TrtllmLowering().verify(artifact, ckpt, ExportConfig(report_dir=tmp_path / "rep"))
+    res = TrtllmLowering().verify(artifact, ckpt, ExportConfig(report_dir=tmp_path / "rep", parity_seqlen=32))
     assert res["passed"], res
     doc = json.loads((tmp_path / "rep" / "parity.json").read_text())
     by = {c["name"]: c for c in doc["checks"]}
