@@ -104,7 +104,8 @@ def verify_hashes(folder: Path) -> int:
         if sha256_file(f) != digest:
             raise IntegrityError(f"{f}: sha256 does not match {listing}; the file is corrupt or was modified: "
                                  f"export the folder again")
-    extra = [r for r in folder_files(folder, (HASHES, MARKER) + REPORT_FILES) if r not in expected]
+    extra = [r for r in folder_files(folder, (HASHES, MARKER))
+             if r not in expected and Path(r).name not in REPORT_FILES + (HASHES, MARKER)]
     if extra:
         raise IntegrityError(f"{folder / extra[0]}: not listed in {listing} (added after the export); "
                              f"remove it or export the folder again")
