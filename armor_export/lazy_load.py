@@ -79,6 +79,14 @@ class Checkpoint:
                     out[n] = t.to(dtype) if t.is_floating_point() else t.clone()
         return out
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers (no data read)."""
+        out = {}
+        for f in sorted(set(self.files.values())):
+            with self._open(f) as st:
+                out.update({n: tuple(st.get_slice(n).get_shape()) for n in st.keys()})
+        return out
+
     def check_all_finite(self) -> None:
         """Every floating tensor finite, one tensor in memory at a time (once, before any work)."""
         for f in sorted(set(self.files.values())):
@@ -105,8 +113,11 @@ def skeleton(folder: Path, family: Family, ckpt: Checkpoint) -> nn.Module:
     unexpected = {k for k in set(ckpt.files) - set(known) - ({"lm_head.weight"} if tied else set())
                   if not any(r.search(k) for r in ignored)}  # as transformers' own load ignores them
     files = sorted(set(ckpt.files.values()))
-    check_complete({"missing_keys": set(known) - set(ckpt.files), "unexpected_keys": unexpected},
-                   files[0] if len(files) == 1 else folder, Path(folder) / "config.json")
+    shapes, sd = ckpt.shapes(), model.state_dict()
+    mismatched = {(k, shapes[k], tuple(sd[k].shape)) for k in known if k in shapes and shapes[k] != tuple(sd[k].shape)}
+    check_complete({"missing_keys": set(known) - set(ckpt.files), "unexpected_keys": unexpected,
+                    "mismatched_keys": mismatched}, files[0] if len(files) == 1 else folder,
+                   Path(folder) / "config.json")
     ckpt.check_all_finite()
     rest = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
     wanted = [k for k in rest if not (tied and k == "lm_head.weight")]

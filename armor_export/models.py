@@ -140,9 +140,16 @@ def load_tokenizer(folder: Path):
         raise ValueError(f"{folder}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the model's tokenizer "
                          f"files into this folder")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{folder}: cannot load the tokenizer ({e}); restore the model's tokenizer files") from None
+    from armor_export.config import model_config
+
+    vocab = model_config(folder).get("vocab_size")
+    if isinstance(vocab, int) and len(tok) > vocab:  # ids past the embedding would fail mid-run
+        raise ValueError(f"{folder}: the tokenizer has {len(tok)} tokens but config.json's vocab_size is {vocab}; "
+                         f"it belongs to another model; restore the model's tokenizer files")
+    return tok
 
 
 def check_finite(tensors, source: str) -> None:
@@ -176,7 +183,8 @@ def load_model(folder: Path, *, dtype: torch.dtype = torch.float32):
     where = weights[0] if len(weights) == 1 else Path(folder)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                           use_safetensors=True, output_loading_info=True)
+                                                           use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)  # named below
     except (SafetensorError, OSError, EOFError) as e:
         raise ValueError(f"{where}: cannot load the model weights ({e}); the checkpoint is corrupt or "
                          f"truncated") from None
@@ -189,7 +197,8 @@ def load_model(folder: Path, *, dtype: torch.dtype = torch.float32):
 def check_complete(info: dict, where, config_path) -> None:
     """transformers' loading info: missing tensors would be random, unexpected ones ignored; both are errors."""
     missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
-    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+    mismatched = sorted(f"{k[0]} {list(k[1])} (config: {list(k[2])})" if isinstance(k, tuple) and len(k) == 3
+                        else str(k) for k in info.get("mismatched_keys", ()))  # (name, checkpoint, model shape)
     if missing or unexpected or mismatched:
         parts = [f"{what} {len(ks)} tensor(s) {ks[:5]}" for what, ks in
                  (("lacks", missing), ("has unexpected", unexpected), ("has wrongly shaped", mismatched)) if ks]

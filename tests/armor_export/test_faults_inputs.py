@@ -91,6 +91,21 @@ def test_unexpected_tensor_is_named(capsys, tiny_model_dir, tmp_path, layerwise)
     assert_nothing_left(out)
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["eager", "layer-by-layer"])
+def test_wrongly_shaped_tensors_are_named(capsys, tiny_model_dir, tmp_path, layerwise):
+    m = model_copy(tiny_model_dir, tmp_path / "m", config={"intermediate_size": 128})
+    out = tmp_path / "o"
+    rc, _, err = cli(capsys, *prune(m, out, *(["--layer-by-layer"] if layerwise else [])))
+    assert_clear(rc, err, "wrongly shaped", "model.layers.0.mlp.down_proj.weight [64, 96] (config: [64, 128])")
+    assert_nothing_left(out)
+
+
+def test_tokenizer_of_another_model(capsys, tiny_model_dir, tmp_path):
+    m = model_copy(tiny_model_dir, tmp_path / "m", config={"vocab_size": 300})
+    rc, _, err = cli(capsys, "eval", "--model", m)
+    assert_clear(rc, err, str(m), "tokenizer has", "vocab_size is 300")
+
+
 KINDS = {"embedding": "model.embed_tokens.weight", "norm": "model.layers.0.input_layernorm.weight",
          "final norm": "model.norm.weight", "linear": "model.layers.1.mlp.down_proj.weight",
          "lm_head": "lm_head.weight"}
