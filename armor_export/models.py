@@ -75,9 +75,15 @@ def convert_gguf(path: Path, *, overwrite: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=path.name, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    model, info = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, output_loading_info=True,
-                                                       **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
+                                                           output_loading_info=True, **kw)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' GGUF reader on a user's file: the file is the cause
+        raise ValueError(f"{path}: transformers cannot load this GGUF ({type(e).__name__}: {e}); it is corrupt or "
+                         f"uses a tensor type / architecture variant transformers does not read") from None
     check_complete(info, path, f"its {model.config.model_type} architecture")
     check_finite(model.named_parameters(), str(path))
     # A GGUF-loaded model refuses save_pretrained; its weights are already dequantised fp32.
@@ -141,8 +147,11 @@ def load_tokenizer(folder: Path):
                          f"files into this folder")
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{folder}: cannot load the tokenizer ({e}); restore the model's tokenizer files") from None
+    except ImportError:  # a missing package (the CLI says what to install)
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user's tokenizer files are the cause
+        raise ValueError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e}); restore the model's "
+                         f"tokenizer files") from None
     from armor_export.config import model_config
 
     vocab = model_config(folder).get("vocab_size")

@@ -176,6 +176,14 @@ def test_missing_tokenizer_says_so(capsys, tiny_model_dir, tmp_path):
     assert_nothing_left(tmp_path / "o")
 
 
+@pytest.mark.parametrize("text", ["{bad", '{"version": "1.0"}'])
+def test_corrupt_tokenizer_json(capsys, tiny_model_dir, tmp_path, text):
+    m = model_copy(tiny_model_dir, tmp_path / "m")
+    (m / "tokenizer.json").write_text(text)
+    rc, _, err = cli(capsys, "eval", "--model", m)
+    assert_clear(rc, err, str(m), "cannot load the tokenizer")
+
+
 # ---- text inputs -------------------------------------------------------------------------------------
 
 def test_non_utf8_text_names_file_and_offset(capsys, tiny_model_dir, tiny_text_dir, tmp_path):
