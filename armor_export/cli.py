@@ -283,8 +283,10 @@ def cmd_report(a) -> int:
 def cmd_run(a) -> int:
     from armor_export import pipeline, report
     from armor_export.config import check_positions
+    from solver.methods import stats_needed
 
     engine = getattr(a, "sub_engine", None) or a.engine
+    scfg, ccfg, ecfg = solver_config(a), calib_config(a), eval_config(a)  # every option checked before any work
     if engine is not None:
         from engines import check_available
 
@@ -296,11 +298,11 @@ def cmd_run(a) -> int:
     t0 = time.perf_counter()
     summary: dict = {"engine": engine}
     loaded = pipeline.load(a.model)
-    ecfg, ccfg = eval_config(a), calib_config(a)
-    check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen, eval_seqlen=ecfg.seqlen)
+    calibrates = stats_needed(scfg) != "none"
+    check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfg.seqlen)
     summary["dense"] = pipeline.evaluate(loaded.model, loaded.tokenizer, ecfg, desc="perplexity (dense)",
                                         what=str(loaded.folder))
-    art = pipeline.prune(a.model, solver_config(a), ccfg, out / "artifact", ignore=tuple(a.ignore),
+    art = pipeline.prune(a.model, scfg, ccfg, out / "artifact", ignore=tuple(a.ignore),
                          overwrite=True, loaded=loaded)
     del loaded
     model, tok, _ = pipeline.load_artifact_model(art)
