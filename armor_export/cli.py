@@ -300,6 +300,7 @@ def cmd_run(a) -> int:
     loaded = pipeline.load(a.model)
     calibrates = stats_needed(scfg) != "none"
     check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfg.seqlen)
+    pipeline.prunable(loaded, scfg, tuple(a.ignore))  # block size, 2:4 shapes, --ignore: before the dense eval
     summary["dense"] = pipeline.evaluate(loaded.model, loaded.tokenizer, ecfg, desc="perplexity (dense)",
                                         what=str(loaded.folder))
     art = pipeline.prune(a.model, scfg, ccfg, out / "artifact", ignore=tuple(a.ignore),

@@ -96,6 +96,16 @@ def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig, 
             raise ValueError(f"{n}: weight has {bad} NaN/Inf entries; the checkpoint is corrupt")
 
 
+def prunable(loaded: Loaded, solver_cfg: SolverConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The target linears of ``loaded``, checked for these settings (``check_targets``) before any work."""
+    fam = loaded.family
+    names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)), ignore)
+    if not names:
+        raise ValueError("no linear layer left to prune (every target matched --ignore)")
+    check_targets(loaded.model, names, solver_cfg, None if loaded.lazy is None else (lambda n: weight_of(loaded, n)))
+    return names
+
+
 def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, full: bool, batch_size: int = 8,
                   progress: bool = True, hessian_block: int | None = None) -> dict[str, LayerStats]:
     """Dense one-pass statistics for every target (the paper's calibration): h, and the full H (``full``) or
@@ -239,10 +249,7 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
     loaded = loaded or load(model_spec, layerwise=layerwise)
     model, fam = loaded.model, loaded.family
     check_positions(model.config, calib_seqlen=None if stats_needed(solver_cfg) == "none" else calib.seqlen)
-    names = target_names(fam, len(model.get_submodule(fam.layers_path)), ignore)
-    if not names:
-        raise ValueError("no linear layer left to prune (every target matched --ignore)")
-    check_targets(model, names, solver_cfg, None if loaded.lazy is None else (lambda n: weight_of(loaded, n)))
+    names = prunable(loaded, solver_cfg, ignore)
     method = get_method(solver_cfg.method)
     needs = stats_needed(solver_cfg)
     tokens = None if needs == "none" else calibration_windows(loaded.tokenizer, calib)

@@ -282,6 +282,17 @@ def test_sequence_lengths_beyond_the_positions(capsys, tiny_model_dir, tiny_text
     assert rc == 0 and json.loads(stdout)["seqlen"] == 64
 
 
+@pytest.mark.parametrize("extra,culprit", [(("--block-size", "12"), "block size 12"),
+                                           (("--eval-seqlen", "2048"), "--eval-seqlen 2048"),
+                                           (("--calib-seqlen", "5000"), "--calib-seqlen 5000")])
+def test_one_shot_run_checks_before_the_dense_evaluation(capsys, tiny_model_dir, tiny_text_dir, tmp_path, extra,
+                                                         culprit):
+    rc, _, err = cli(capsys, "run", "--model", tiny_model_dir, "--calib-text", tiny_text_dir / "calib",
+                     "--eval-text", tiny_text_dir / "eval", "--out", tmp_path / "o", *extra)
+    assert_clear(rc, err, culprit)
+    assert "perplexity (dense)" not in err  # nothing was evaluated
+
+
 # ---- evaluation --------------------------------------------------------------------------------------
 
 def test_nonfinite_perplexity_is_an_error_not_infinity(capsys, tiny_model_dir, tiny_text_dir, tmp_path):
