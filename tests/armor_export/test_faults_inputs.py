@@ -361,6 +361,8 @@ def test_internal_errors_point_to_debug(capsys, tiny_model_dir, tmp_path, monkey
     assert_clear(rc, err, "internal error", "KeyError", "--debug", "ARMOR_DEBUG=1", code=1)
     with pytest.raises(KeyError):
         main([str(a) for a in prune(tiny_model_dir, tmp_path / "o", "--debug")])
+    with pytest.raises(KeyError):
+        main(["--debug", *[str(a) for a in prune(tiny_model_dir, tmp_path / "o")]])
     monkeypatch.setenv("ARMOR_DEBUG", "1")
     with pytest.raises(KeyError):
         main([str(a) for a in prune(tiny_model_dir, tmp_path / "o")])
