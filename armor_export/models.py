@@ -154,9 +154,9 @@ def load_tokenizer(folder: Path):
                          f"tokenizer files") from None
     from armor_export.config import model_config
 
-    vocab = model_config(folder).get("vocab_size")
-    if isinstance(vocab, int) and len(tok) > vocab:  # ids past the embedding would fail mid-run
-        raise ValueError(f"{folder}: the tokenizer has {len(tok)} tokens but config.json's vocab_size is {vocab}; "
+    vocab, base = model_config(folder).get("vocab_size"), getattr(tok, "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(base, int) and base > vocab:  # ids past the embedding fail mid-run
+        raise ValueError(f"{folder}: the tokenizer has {base} tokens but config.json's vocab_size is {vocab}; "
                          f"it belongs to another model; restore the model's tokenizer files")
     return tok
 

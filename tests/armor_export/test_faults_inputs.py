@@ -141,6 +141,62 @@ def test_nonfinite_embedding_fails_eval_too(capsys, tiny_model_dir, tmp_path):
     assert out == ""
 
 
+def tiny_gguf(src: Path, path: Path, skip: str | None = None, nan_in: str | None = None) -> Path:
+    """The tiny Llama written as an fp32 GGUF (llama names, gpt2 BPE vocabulary), without ``skip`` and with a NaN
+    in ``nan_in`` (HF names)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    cfg = json.loads((src / "config.json").read_text())
+    tj = json.loads((src / "tokenizer.json").read_text())
+    sd = load_file(str(src / WEIGHTS))
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    vocab = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                       ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                       ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                       ("mlp.down_proj", "ffn_down")):
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        if hf != skip:
+            a = sd[hf].numpy().copy()
+            if hf == nan_in:
+                a.reshape(-1)[0] = np.nan
+            w.add_tensor(gg, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("fault", ["missing", "nan"])
+def test_gguf_with_missing_or_nonfinite_tensor(capsys, tiny_model_dir, tmp_path, monkeypatch, fault):
+    monkeypatch.setenv("ARMOR_EXPORT_CACHE", str(tmp_path / "cache"))
+    name = "model.layers.1.mlp.down_proj.weight" if fault == "missing" else "model.norm.weight"
+    g = tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf", **({"skip": name} if fault == "missing" else {"nan_in": name}))
+    rc, _, err = cli(capsys, *prune(g, tmp_path / "o"))
+    assert_clear(rc, err, str(g), name if fault == "missing" else "model.norm: weight has 1 NaN/Inf")
+    assert not list((tmp_path / "cache").rglob("config.json"))  # no converted folder was cached
+    assert_nothing_left(tmp_path / "o")
+
+
 def test_pickle_in_the_model_folder_is_refused_unrun(capsys, tiny_model_dir, tmp_path):
     marker = tmp_path / "pwned"
     m = model_copy(tiny_model_dir, tmp_path / "m")
