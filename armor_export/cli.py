@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,66 @@ from engines import LOWERINGS
 
 ENGINES = tuple(LOWERINGS)  # the registry's names (importing ``engines`` loads no backend)
 DEFAULT_OUT = Path("armor-out")
+MAX_SEED = 2**63 - 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the flag and what is wrong) instead of the usage block; exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def integer(low: int, high: int | None = None, multiple: int = 1):
+    """argparse type: an integer in [low, high] (and a multiple of ``multiple``)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low or (high is not None and v > high) or v % multiple:
+            what = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {'a multiple of ' + str(multiple) + ' ' if multiple > 1 else ''}"
+                                             f"{what}, got {v}")
+        return v
+    return parse
+
+
+def number(low: float, high: float, *, low_open: bool = True):
+    """argparse type: a finite float in (low, high] (``low_open``) or [low, high]."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or (v <= low if low_open else v < low) or v > high:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{low:g}, "
+                                             f"{high:g}], got {text}")
+        return v
+    return parse
+
+
+def device(text: str) -> str:
+    """argparse type: ``cpu`` or an available ``cuda[:N]`` (checked before any work)."""
+    if text == "cpu":
+        return text
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device for the solver; use cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise argparse.ArgumentTypeError(f"{text}: {why} (torch {torch.__version__}); use --device cpu or "
+                                         f"install a CUDA build of torch")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return text
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error (also: ARMOR_DEBUG=1)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -27,11 +89,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_calib(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-text", default=None, help=".txt file or folder (default: Shakespeare calibration split)")
-    g.add_argument("--calib-samples", type=int, default=64, help="windows (default 64)")
-    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--calib-samples", type=integer(1), default=64, help="windows (default 64)")
+    g.add_argument("--calib-seqlen", type=integer(2), default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-mode", choices=("dense", "sequential"), default="dense",
                    help="dense: one pass through the dense model (the paper's); sequential: blocks see pruned inputs")
-    g.add_argument("--seed", type=int, default=0, help="seed of window sampling and of the solver")
+    g.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="seed of window sampling and of the solver")
 
 
 def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> None:
@@ -44,29 +106,30 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                    help="cpu: fast defaults for this machine; quality: cpu plus the block-hessian objective and "
                         "the output refit (lower perplexity, full calibration statistics, ~1.3x the solve time); "
                         "paper: b=128, 20000 iterations (the paper's runs)")
-    g.add_argument("--block-size", type=int, default=None, help="ARMOR block size b (overrides the preset)")
-    g.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (overrides the preset)")
+    g.add_argument("--block-size", type=integer(4, multiple=4), default=None,
+                   help="ARMOR block size b (overrides the preset)")
+    g.add_argument("--iterations", type=integer(0), default=None, help="ARMOR iterations (overrides the preset)")
+    g.add_argument("--lr", type=number(0, 1), default=None, help="Adam learning rate (overrides the preset)")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                    help="Adam step-size schedule (overrides the preset)")
-    g.add_argument("--sparse-rounds", type=int, default=None,
+    g.add_argument("--sparse-rounds", type=integer(1), default=None,
                    help="exact sparse-core rounds per ARMOR iteration (overrides the preset)")
     g.add_argument("--selection", choices=SELECTIONS, default=None, help="sparse-core group selection rule")
-    g.add_argument("--patience", type=int, default=None, help="early-stop patience in iterations (default 100)")
+    g.add_argument("--patience", type=integer(1), default=None, help="early-stop patience in iterations (default 100)")
     g.add_argument("--objective", choices=("diag", "block-hessian", "block-output"), default=None,
                    help="ARMOR proxy: diag (the paper's, default); block-hessian (also the input correlations "
                         "inside each b x b block); block-output (the layer's output error with H kept "
                         "block-diagonal). The block ones need full calibration statistics")
-    g.add_argument("--hessian-damp", type=float, default=None,
+    g.add_argument("--hessian-damp", type=number(0, 1e6), default=None,
                    help="block objectives and the refit: damping added to H, relative to mean(diag H) "
                         "(default 0.01)")
     g.add_argument("--refit", choices=("none", "output"), default=None,
                    help="ARMOR: after the BCD, refit S's kept values, A and B to each layer's output error under "
                         "the full input Hessian, mask fixed (output; needs full calibration statistics). "
                         "Default none (the specified solver)")
-    g.add_argument("--refit-rounds", type=int, default=None,
+    g.add_argument("--refit-rounds", type=integer(1), default=None,
                    help="--refit output: rounds of (values, A, B) refits (default 6)")
-    g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
+    g.add_argument("--device", type=device, default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
 
@@ -74,8 +137,8 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
 def _add_eval(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-text", default=None, help=".txt file or folder (default: Shakespeare held-out split)")
-    g.add_argument("--eval-windows", type=int, default=32, help="windows (default 32)")
-    g.add_argument("--eval-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--eval-windows", type=integer(1), default=32, help="windows (default 32)")
+    g.add_argument("--eval-seqlen", type=integer(2), default=512, help="tokens per window (default 512)")
 
 
 def _add_out(p: argparse.ArgumentParser, default: Path | None) -> None:
@@ -84,9 +147,10 @@ def _add_out(p: argparse.ArgumentParser, default: Path | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="armor-export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="armor-export", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=ENGINES, default=None, help="one-shot run ending with this engine")
+    _add_debug(p)
     sub = p.add_subparsers(dest="command")
 
     pr = sub.add_parser("prune", help="calibrate and solve; write a factor artifact")
@@ -122,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (p, run):
         _add_model(q), _add_calib(q), _add_solver(q), _add_eval(q), _add_out(q, DEFAULT_OUT)
     run.add_argument("--engine", dest="sub_engine", choices=ENGINES, default=None)
+    for q in (pr, ev, ex, ve, rp, run):
+        _add_debug(q)
     return p
 
 
@@ -171,18 +237,21 @@ def cmd_prune(a) -> int:
 def cmd_eval(a) -> int:
     from armor_export import pipeline
 
+    if a.artifact is not None and a.model is not None:
+        raise ValueError("eval: pass either --model (a dense model) or --artifact (a pruned artifact, which "
+                         "carries its own config and tokenizer), not both")
     if a.artifact is not None:
         model, tok, _ = pipeline.load_artifact_model(a.artifact)  # checks every file's hash first
         what = str(a.artifact)
     else:
         loaded = pipeline.load(a.model)
         model, tok, what = loaded.model, loaded.tokenizer, str(loaded.folder)
-    res = {"model": what, **pipeline.evaluate(model, tok, eval_config(a))}
-    print(json.dumps(res))
+    res = {"model": what, **pipeline.evaluate(model, tok, eval_config(a), what=what)}
+    print(json.dumps(res, allow_nan=False))
     if a.json:
         from armor_export.fsutil import atomic_write_text
 
-        atomic_write_text(a.json, json.dumps(res, indent=2) + "\n", flag="--json")
+        atomic_write_text(a.json, json.dumps(res, indent=2, allow_nan=False) + "\n", flag="--json")
     return 0
 
 
@@ -204,11 +273,11 @@ def parity_tokens(artifact: Path, ecfg) -> tuple[tuple[int, ...], ...]:
 
 def cmd_export(a) -> int:
     from armor_export import fsutil
-    from engines import get_lowering
+    from armor_export.artifact import check_artifact
+    from engines import check_available, get_lowering
     from engines.base import ExportConfig
 
-    from armor_export.artifact import check_artifact
-
+    check_available(a.sub_engine)
     check_artifact(a.artifact)
     cfg = ExportConfig(dtype=a.dtype, overwrite=a.overwrite)
     low = get_lowering(a.sub_engine)
@@ -222,11 +291,14 @@ def cmd_export(a) -> int:
 
 def cmd_verify(a) -> int:
     from armor_export.artifact import check_artifact
+    from armor_export.config import check_positions, model_config
     from armor_export.fsutil import verify_hashes
-    from engines import get_lowering
+    from engines import check_available, get_lowering
     from engines.base import ExportConfig
 
+    check_available(a.sub_engine)
     check_artifact(a.artifact)
+    check_positions(model_config(a.artifact), eval_seqlen=a.eval_seqlen)
     verify_hashes(a.engine_dir)  # the engine folder's files.sha256 first: parity of a modified folder means nothing
     cfg = ExportConfig(report_dir=a.report_dir, parity_tokens=parity_tokens(a.artifact, eval_config(a)))
     res = get_lowering(a.sub_engine).verify(a.artifact, a.engine_dir, cfg)
@@ -245,33 +317,40 @@ def cmd_run(a) -> int:
     from armor_export import fsutil
 
     engine = getattr(a, "sub_engine", None) or a.engine
+    cfgs = solver_config(a), calib_config(a), eval_config(a)  # every option checked before any work
     low = None
-    if engine is not None:  # the engine's family/feature check runs before any work
+    if engine is not None:  # the engine's library and family/feature checks run before any work
         from armor_export.models import resolve_model
-        from engines import get_lowering
+        from engines import check_available, get_lowering
         from engines.base import ExportConfig
 
+        check_available(engine)
         low = get_lowering(engine)
         low.requires(resolve_model(a.model), ExportConfig())
     inputs = (a.model, a.calib_text, a.eval_text)
     with fsutil.run_folder(a.out, overwrite=a.overwrite, inputs=inputs) as out:
-        return _run(a, out, engine, low)
+        return _run(a, out, engine, low, *cfgs)
 
 
-def _run(a, out: Path, engine: str | None, low) -> int:
+def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfg) -> int:
     from armor_export import pipeline, report
+    from armor_export.config import check_positions
     from engines.base import ExportConfig
+    from solver.methods import stats_needed
 
     t0 = time.perf_counter()
     summary: dict = {"engine": engine}
     loaded = pipeline.load(a.model)
-    ecfg = eval_config(a)
-    summary["dense"] = pipeline.evaluate(loaded.model, loaded.tokenizer, ecfg, desc="perplexity (dense)")
-    art = pipeline.prune(a.model, solver_config(a), calib_config(a), out / "artifact", ignore=tuple(a.ignore),
+    calibrates = stats_needed(scfg) != "none"
+    check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfg.seqlen)
+    pipeline.prunable(loaded, scfg, tuple(a.ignore))  # block size, 2:4 shapes, --ignore: before the dense eval
+    summary["dense"] = pipeline.evaluate(loaded.model, loaded.tokenizer, ecfg, desc="perplexity (dense)",
+                                        what=str(loaded.folder))
+    art = pipeline.prune(a.model, scfg, ccfg, out / "artifact", ignore=tuple(a.ignore),
                          overwrite=True, loaded=loaded)
     del loaded
     model, tok, _ = pipeline.load_artifact_model(art)
-    summary["pruned"] = pipeline.evaluate(model, tok, ecfg, desc="perplexity (pruned)")
+    summary["pruned"] = pipeline.evaluate(model, tok, ecfg, desc="perplexity (pruned)", what=str(art))
     del model
     if low is not None:
         engine_dir = low.lower(art, out / engine, ExportConfig(overwrite=True))
@@ -285,7 +364,14 @@ def _run(a, out: Path, engine: str | None, low) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Every error ends here: one line and exit code 2 for what a user can fix (armor_export.errors), the
+    traceback only with --debug or ARMOR_DEBUG=1."""
+    from armor_export.errors import debug_requested, user_message
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     handlers = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "verify": cmd_verify,
                 "report": cmd_report, "run": cmd_run, None: cmd_run}
     try:
@@ -293,9 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was left under the final name", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"armor-export: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - the one place errors become messages
+        if debug_requested(getattr(args, "debug", False)):
+            raise
+        code, line = user_message(e)
+        print(f"armor-export: error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

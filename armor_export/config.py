@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from armor_export.capture import MODES
+
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,8 @@ class CalibConfig:
             raise ValueError(f"calibration samples must be > 0, got {self.samples}")
         if self.seqlen < 2:
             raise ValueError(f"calibration seqlen must be >= 2, got {self.seqlen}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"calibration seed must be in [0, 2**63 - 1], got {self.seed}")
         if self.batch_size <= 0:
             raise ValueError(f"calibration batch size must be > 0, got {self.batch_size}")
         if self.mode not in MODES:
@@ -42,3 +48,33 @@ class EvalConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def model_config(folder: Path) -> dict:
+    """config.json of a model or artifact folder as a dict (a clear error naming the file otherwise)."""
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; pass a model or artifact folder with its config.json") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte offset {e.start}); restore the model's config.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); restore the "
+                         f"model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}; restore the model's config.json")
+    return cfg
+
+
+def check_positions(config, *, calib_seqlen: int | None = None, eval_seqlen: int | None = None) -> None:
+    """Fail before any work when a window is longer than the model's positions (``max_position_embeddings``
+    of an HF config or a config dict)."""
+    limit = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for flag, n in (("--calib-seqlen", calib_seqlen), ("--eval-seqlen", eval_seqlen)):
+        if n is not None and n > limit:
+            raise ValueError(f"{flag} {n} is longer than the model's {limit} positions (max_position_embeddings "
+                             f"in its config.json); use {flag} {limit} or less")

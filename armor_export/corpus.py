@@ -47,8 +47,21 @@ def text_files(path: str | Path) -> list[Path]:
     raise CorpusError(f"{p}: text path not found")
 
 
+def read_text(f: Path) -> str:
+    """A text file's content; binary files and text that is not UTF-8 are refused, naming the byte offset."""
+    data = Path(f).read_bytes()
+    if b"\0" in data:
+        raise CorpusError(f"{f}: a binary file (NUL byte at byte offset {data.index(0)}), not text; pass UTF-8 "
+                          f".txt files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{f}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start}); convert it "
+                          f"to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_documents(files: list[Path]) -> list[str]:
-    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    docs = [read_text(f) for f in files]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise CorpusError(f"the text files {[str(f) for f in files][:3]}... are empty")

@@ -13,6 +13,7 @@ Results are identical to the eager path: same modules, same weights (cast to fp3
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from armor_export.adapters import Family, UnsupportedModel
 from armor_export.capture import block_inputs, block_stats
+from armor_export.models import check_complete, check_finite, safetensors_files
 from solver.stats import LayerStats
 
 INDEX = "model.safetensors.index.json"
@@ -35,12 +37,13 @@ class Checkpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e}); restore the model's index file") from None
             self.files = {k: self.folder / v for k, v in weight_map.items()}
         else:
-            files = sorted(self.folder.glob("*.safetensors"))
-            if not files:
-                raise ValueError(f"{self.folder}: layer-by-layer loading needs safetensors weights; none found")
+            files = safetensors_files(self.folder)
             self.files = {}
             for f in files:
                 with self._open(f) as st:
@@ -76,6 +79,21 @@ class Checkpoint:
                     out[n] = t.to(dtype) if t.is_floating_point() else t.clone()
         return out
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers (no data read)."""
+        out = {}
+        for f in sorted(set(self.files.values())):
+            with self._open(f) as st:
+                out.update({n: tuple(st.get_slice(n).get_shape()) for n in st.keys()})
+        return out
+
+    def check_all_finite(self) -> None:
+        """Every floating tensor finite, one tensor in memory at a time (once, before any work)."""
+        for f in sorted(set(self.files.values())):
+            with self._open(f) as st:
+                for n in st.keys():
+                    check_finite([(n, st.get_tensor(n))], str(f))
+
     def get(self, name: str) -> torch.Tensor | None:
         return self.read([name])[name] if name in self.files else None
 
@@ -89,12 +107,20 @@ def skeleton(folder: Path, family: Family, ckpt: Checkpoint) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     prefix = family.layers_path + "."
-    rest = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
     tied = getattr(config, "tie_word_embeddings", False)
+    known = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
+    ignored = [re.compile(r) for r in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unexpected = {k for k in set(ckpt.files) - set(known) - ({"lm_head.weight"} if tied else set())
+                  if not any(r.search(k) for r in ignored)}  # as transformers' own load ignores them
+    files = sorted(set(ckpt.files.values()))
+    shapes, sd = ckpt.shapes(), model.state_dict()
+    mismatched = {(k, shapes[k], tuple(sd[k].shape)) for k in known if k in shapes and shapes[k] != tuple(sd[k].shape)}
+    check_complete({"missing_keys": set(known) - set(ckpt.files), "unexpected_keys": unexpected,
+                    "mismatched_keys": mismatched}, files[0] if len(files) == 1 else folder,
+                   Path(folder) / "config.json")
+    ckpt.check_all_finite()
+    rest = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
     wanted = [k for k in rest if not (tied and k == "lm_head.weight")]
-    missing = [k for k in wanted if k not in ckpt.files]
-    if missing:
-        raise ValueError(f"{folder}: checkpoint lacks {missing[:5]}; it does not match config.json")
     tensors = ckpt.read(wanted)
     for k, t in tensors.items():
         mod_name, _, attr = k.rpartition(".")

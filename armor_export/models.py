@@ -23,6 +23,10 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
 class ModelNotFound(FileNotFoundError):
     pass
 
@@ -71,8 +75,17 @@ def convert_gguf(path: Path, *, overwrite: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=path.name, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
+                                                           output_loading_info=True, **kw)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' GGUF reader on a user's file: the file is the cause
+        raise ValueError(f"{path}: transformers cannot load this GGUF ({type(e).__name__}: {e}); it is corrupt or "
+                         f"uses a tensor type / architecture variant transformers does not read") from None
+    check_complete(info, path, f"its {model.config.model_type} architecture")
+    check_finite(model.named_parameters(), str(path))
     # A GGUF-loaded model refuses save_pretrained; its weights are already dequantised fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -101,8 +114,62 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
 
 
 def read_family(folder: Path) -> Family:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    return family_for(cfg.get("model_type"), str(Path(folder) / "config.json"))
+    from armor_export.config import model_config
+
+    return family_for(model_config(folder).get("model_type"), str(Path(folder) / "config.json"))
+
+
+def source_name(folder: Path) -> str:
+    """Where a model folder's weights came from: the GGUF of a converted cache folder, else the folder."""
+    src = Path(folder) / "armor_source.json"
+    return json.loads(src.read_text())["gguf"] if src.is_file() else str(folder)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors weights; pickled weights (.bin / .pt / ...) are refused, never unpickled."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{pickles[0]}: pickled PyTorch weights are refused (unpickling can run code); convert the "
+                         f"model to safetensors where you trust it (save_pretrained(..., safe_serialization=True))")
+    raise ValueError(f"{folder}: no model weights (*.safetensors) next to config.json")
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{folder}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the model's tokenizer "
+                         f"files into this folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except ImportError:  # a missing package (the CLI says what to install)
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user's tokenizer files are the cause
+        raise ValueError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e}); restore the model's "
+                         f"tokenizer files") from None
+    from armor_export.config import model_config
+
+    vocab, base = model_config(folder).get("vocab_size"), getattr(tok, "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(base, int) and base > vocab:  # ids past the embedding fail mid-run
+        raise ValueError(f"{folder}: the tokenizer has {base} tokens but config.json's vocab_size is {vocab}; "
+                         f"it belongs to another model; restore the model's tokenizer files")
+    return tok
+
+
+def check_finite(tensors, source: str) -> None:
+    """Fail naming the first floating tensor with NaN/Inf entries (a sum first: cheap, no copy)."""
+    for name, t in tensors:
+        if not t.is_floating_point() or t.is_meta or torch.isfinite(t.sum()):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            mod, _, attr = name.rpartition(".")
+            raise ValueError(f"{mod}: {attr} has {bad} NaN/Inf entries (in {source}); the checkpoint is corrupt")
 
 
 def model_id(folder: Path) -> str:
@@ -113,19 +180,36 @@ def model_id(folder: Path) -> str:
 
 
 def load_model(folder: Path, *, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer, family) from a local HF folder, checking the family first."""
+    """Load (model, tokenizer, family) from a local HF folder, checking the family first, then that the
+    checkpoint holds exactly the model's tensors, all finite."""
     family = read_family(folder)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from safetensors import SafetensorError
 
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok = load_tokenizer(folder)
+    weights = safetensors_files(folder)
+    where = weights[0] if len(weights) == 1 else Path(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                           use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)  # named below
     except (SafetensorError, OSError, EOFError) as e:
-        weights = sorted(Path(folder).glob("*.safetensors"))
-        where = weights[0] if len(weights) == 1 else Path(folder)
         raise ValueError(f"{where}: cannot load the model weights ({e}); the checkpoint is corrupt or "
                          f"truncated") from None
+    check_complete(info, where, Path(folder) / "config.json")
+    check_finite(list(model.named_parameters()) + list(model.named_buffers()), source_name(folder))
     model.eval()
     return model, tok, family
+
+
+def check_complete(info: dict, where, config_path) -> None:
+    """transformers' loading info: missing tensors would be random, unexpected ones ignored; both are errors."""
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(f"{k[0]} {list(k[1])} (config: {list(k[2])})" if isinstance(k, tuple) and len(k) == 3
+                        else str(k) for k in info.get("mismatched_keys", ()))  # (name, checkpoint, model shape)
+    if missing or unexpected or mismatched:
+        parts = [f"{what} {len(ks)} tensor(s) {ks[:5]}" for what, ks in
+                 (("lacks", missing), ("has unexpected", unexpected), ("has wrongly shaped", mismatched)) if ks]
+        raise ValueError(f"{where}: {'; '.join(parts)} for {config_path}; the checkpoint is incomplete or belongs "
+                         f"to another model")

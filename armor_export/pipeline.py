@@ -7,6 +7,7 @@ artifact.
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ from armor_export.adapters import Family, split_name, target_names
 from armor_export.artifact import LayerFactors, save_artifact
 from armor_export.calibration import TokenWindows, windows
 from armor_export.capture import iterate_blocks
-from armor_export.config import CalibConfig, EvalConfig, to_dict
+from armor_export.config import CalibConfig, EvalConfig, check_positions, to_dict
 from armor_export.corpus import default_split, text_files
 from armor_export.evaluate import perplexity
 from armor_export.fsutil import check_output, output_lock
-from armor_export.models import load_model, model_id, read_family, resolve_model
+from armor_export.models import load_model, load_tokenizer, model_id, read_family, resolve_model
 from armor_export.resume import LayerStore, model_fingerprint
 from armor_export.shard import DistContext, assign, chunks, layer_cost
 from solver.blockdiag import check_block_size
@@ -49,13 +50,11 @@ def load(spec, *, layerwise: bool = False) -> Loaded:
     if not layerwise:
         model, tok, family = load_model(folder)
         return Loaded(folder, model, tok, family)
-    from transformers import AutoTokenizer
-
     from armor_export.lazy_load import Checkpoint, skeleton
 
     family = read_family(folder)
+    tok = load_tokenizer(folder)
     ckpt = Checkpoint(folder)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return Loaded(folder, skeleton(folder, family, ckpt), tok, family, ckpt)
 
 
@@ -97,6 +96,16 @@ def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig, 
         if not torch.isfinite(w).all():
             bad = int((~torch.isfinite(w)).sum())
             raise ValueError(f"{n}: weight has {bad} NaN/Inf entries; the checkpoint is corrupt")
+
+
+def prunable(loaded: Loaded, solver_cfg: SolverConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The target linears of ``loaded``, checked for these settings (``check_targets``) before any work."""
+    fam = loaded.family
+    names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)), ignore)
+    if not names:
+        raise ValueError("no linear layer left to prune (every target matched --ignore)")
+    check_targets(loaded.model, names, solver_cfg, None if loaded.lazy is None else (lambda n: weight_of(loaded, n)))
+    return names
 
 
 def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, full: bool, batch_size: int = 8,
@@ -274,10 +283,8 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
                          "each other); run sequential mode in one process")
     loaded = loaded or load(model_spec, layerwise=layerwise)
     model, fam = loaded.model, loaded.family
-    names = target_names(fam, len(model.get_submodule(fam.layers_path)), ignore)
-    if not names:
-        raise ValueError("no linear layer left to prune (every target matched --ignore)")
-    check_targets(model, names, solver_cfg, None if loaded.lazy is None else (lambda n: weight_of(loaded, n)))
+    check_positions(model.config, calib_seqlen=None if stats_needed(solver_cfg) == "none" else calib.seqlen)
+    names = prunable(loaded, solver_cfg, ignore)
     method = get_method(solver_cfg.method)
     needs = stats_needed(solver_cfg)
     tokens = None if needs == "none" else calibration_windows(loaded.tokenizer, calib)
@@ -337,19 +344,22 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
     return path
 
 
-def evaluate(model: nn.Module, tok, cfg: EvalConfig, progress: bool = True, desc: str = "perplexity") -> dict:
+def evaluate(model: nn.Module, tok, cfg: EvalConfig, progress: bool = True, desc: str = "perplexity",
+             what: str = "the model") -> dict:
+    check_positions(model.config, eval_seqlen=cfg.seqlen)
     tokens = eval_windows(tok, cfg)
     t0 = time.perf_counter()
     ppl = perplexity(model, tokens.token_ids, batch_size=cfg.batch_size, progress=progress, desc=desc)
+    if not math.isfinite(ppl):
+        raise ValueError(f"{desc} of {what} on {', '.join(tokens.source[:3])} is not finite: the model's logits "
+                         f"overflow or hold NaN; check its weights (or the artifact's fallback layers)")
     return {"perplexity": ppl, "windows": cfg.windows, "seqlen": cfg.seqlen, "seconds": round(time.perf_counter() - t0, 2),
             "eval_sha256": tokens.sha256, "files": tokens.source}
 
 
 def load_artifact_model(artifact_dir: Path):
-    from transformers import AutoTokenizer
-
     from engines.torch_module import load_armor_model
 
     model, art = load_armor_model(artifact_dir)
-    tok = AutoTokenizer.from_pretrained(artifact_dir, local_files_only=True)
+    tok = load_tokenizer(artifact_dir)
     return model, tok, art

@@ -19,7 +19,7 @@ from armor_export.artifact import LayerFactors, load_artifact, save_artifact
 from solver.factors import Factorization
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=256)
+            num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=1024)
 
 
 def sample_text(n_chars: int = 60000) -> str:

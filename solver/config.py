@@ -7,6 +7,7 @@ the official replication setting (b = 128, 20000 iterations).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 SELECTIONS = ("gradient-random", "gradient-greedy", "uniform")
@@ -51,8 +52,8 @@ class SolverConfig:
             raise ValueError(f"block_size must be a positive multiple of 4, got {self.block_size}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= 1:  # also refuses NaN and inf
+            raise ValueError(f"lr must be > 0 and <= 1 (Adam's step on unit-scale factors), got {self.lr}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -65,12 +66,16 @@ class SolverConfig:
             raise ValueError(f"patience must be > 0, got {self.patience}")
         if self.sparsegpt_block <= 0 or self.sparsegpt_block % 4:
             raise ValueError(f"sparsegpt_block must be a positive multiple of 4, got {self.sparsegpt_block}")
-        if not self.sparsegpt_damp >= 0:
+        if not 0 <= self.sparsegpt_damp < math.inf:
             raise ValueError(f"sparsegpt_damp must be >= 0, got {self.sparsegpt_damp}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if not self.hessian_damp > 0:
-            raise ValueError(f"hessian_damp must be > 0, got {self.hessian_damp}")
+        if not 0 < self.hessian_damp < math.inf:
+            raise ValueError(f"hessian_damp must be finite and > 0, got {self.hessian_damp}")
+        if not (0 <= self.rtol < math.inf and 0 <= self.atol < math.inf):
+            raise ValueError(f"rtol and atol must be finite and >= 0, got {self.rtol}, {self.atol}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         if self.refit not in REFITS:
             raise ValueError(f"refit must be one of {REFITS}, got {self.refit!r}")
         if self.refit_rounds <= 0:
