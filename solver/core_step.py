@@ -95,8 +95,8 @@ def selection_table(scores: torch.Tensor, selection: str) -> dict:
         return table
     total = scores.sum(-1)
     table["degenerate"] = ~(torch.isfinite(total) & (total > 0))
-    if selection == "gradient-greedy":
-        table["greedy"] = torch.argmax(torch.nan_to_num(scores, nan=0.0), dim=-1)
+    if selection == "gradient-greedy":  # a copy: every pick is struck from it (select), so rounds never repeat
+        table["greedy"] = torch.nan_to_num(scores, nan=0.0)
     else:
         table["cs"] = torch.cumsum(scores, dim=-1)
     return table
@@ -105,7 +105,9 @@ def selection_table(scores: torch.Tensor, selection: str) -> dict:
 def select(scores: torch.Tensor | None, rand: torch.Tensor, selection: str, table: dict | None = None):
     """One candidate per block pair. rand [K, n0, n1] uniform in [0, 1) (one per pair, per-layer generator).
 
-    ``table`` (from ``selection_table``) replaces ``scores`` when several rounds share one set of scores.
+    ``table`` (from ``selection_table``) replaces ``scores`` when several rounds share one set of scores;
+    gradient-greedy then takes the highest-scoring group not yet taken with this table (each pick is struck
+    from the table), so the rounds of one iteration re-solve R different groups of each block pair.
     Returns (candidate [K, n0, n1] long, number of pairs that fell back to uniform [K])."""
     table = selection_table(scores, selection) if table is None else table
     C = table["C"]
@@ -113,7 +115,8 @@ def select(scores: torch.Tensor | None, rand: torch.Tensor, selection: str, tabl
     if selection == "uniform":
         return uniform, torch.zeros(table["K"], dtype=torch.long, device=rand.device)
     if selection == "gradient-greedy":
-        pick = table["greedy"]
+        pick = torch.argmax(table["greedy"], dim=-1)
+        table["greedy"].scatter_(-1, pick[..., None], -1.0)  # scores are >= 0: a taken group ranks last
     else:
         cs = table["cs"]
         target = (rand * cs[..., -1])[..., None]
@@ -139,7 +142,7 @@ def sparse_core_rounds(st: dict, draw, b: int, rounds: int, selection: str, rese
 
     ``draw()`` returns one uniform [K, n0, n1] tensor per round (per-layer generators). Every round
     samples its groups from the selection scores at the first round (A and B do not move between
-    rounds, only S does); each re-solve is exact against the current state, because the group's
+    rounds, only S does; gradient-greedy takes the next-best group each round, never one twice); each re-solve is exact against the current state, because the group's
     gradient entries include the rank-one terms of the earlier rounds. The caches are refreshed once
     at the end (one in-place rank-one pass per round). With rounds = 1 this is ``sparse_core_round`` on
     the sampled groups. Adds uniform_fallbacks [K] to the counts."""

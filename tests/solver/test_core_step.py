@@ -163,3 +163,27 @@ def test_selection_rules():
     pick, _ = select(sc, r, "gradient-random")
     frac6 = (pick == 6).float().mean().item()
     assert abs(frac6 - 0.75) < 0.02  # 20000 draws: std 0.003
+
+
+def test_greedy_rounds_take_new_groups(monkeypatch):
+    """gradient-greedy with several rounds per iteration: round r re-solves the r-th best group of each block
+    pair (the rounds share one table), never the group of an earlier round."""
+    from solver.core_step import selection_table
+
+    scores = torch.tensor([[[[1.0, 4.0, 3.0, 2.0], [0.0, 5.0, 1.0, 5.0]]]])  # [K=1, n0=1, n1=2, C=4]
+    table = selection_table(scores, "gradient-greedy")
+    rand = torch.zeros(1, 1, 2)
+    picks = [select(None, rand, "gradient-greedy", table)[0][0, 0].tolist() for _ in range(4)]
+    assert picks == [[1, 1], [2, 3], [3, 2], [0, 0]]  # ties: the first index
+    # through the solver: the 3 rounds of one iteration re-solve 3 different groups of every block pair
+    from solver import core_step
+
+    seen, real = [], core_step._round
+    monkeypatch.setattr(core_step, "_round", lambda st, cand, *a: seen.append(cand.clone()) or real(st, cand, *a))
+    g = torch.Generator().manual_seed(0)
+    cfg = SolverConfig(block_size=8, iterations=1, selection="gradient-greedy", sparse_rounds=3)
+    st = armor._init_batch([armor.prepare("w", torch.randn(16, 16, generator=g), torch.rand(16, generator=g) + 0.5,
+                                          8)], cfg, torch.device("cpu"))
+    sparse_core_rounds(st, lambda: torch.rand(1, 2, 2, generator=g), 8, 3, "gradient-greedy", False)
+    cands = torch.stack(seen).flatten(1)  # [rounds, pairs]
+    assert len(seen) == 3 and all(len(set(c.tolist())) == 3 for c in cands.T)
