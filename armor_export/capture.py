@@ -12,7 +12,7 @@ Two modes:
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -74,18 +74,31 @@ def _kwargs_for(kwargs: dict, h: torch.Tensor) -> dict:
     return kw
 
 
+def block_targets(family: Family, i: int, targets: Collection[str] | None) -> set[str] | None:
+    """Local names of block i's linears among the fully qualified ``targets`` (None: every linear)."""
+    if targets is None:
+        return None
+    prefix = f"{family.layers_path}.{i}."
+    return {n[len(prefix):] for n in targets if n.startswith(prefix)}
+
+
 def block_stats(block: nn.Module, family: Family, hiddens: list[torch.Tensor], kwargs: dict, *,
-                full: bool, hessian_block: int | None = None, run: bool = True
+                full: bool, hessian_block: int | None = None, targets: Collection[str] | None = None
                 ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
-    """Statistics for every target linear of one block (local names) and the block's outputs: h, plus the
-    full H (``full``) or only its ``hessian_block`` x ``hessian_block`` diagonal blocks."""
+    """Statistics of one block's target linears (local names; ``targets`` None: every linear of the family) and
+    the block's outputs: h, plus the full H (``full``) or only its ``hessian_block`` x ``hessian_block`` diagonal
+    blocks. A shared input is accumulated once when any linear reading it is a target, never otherwise (an
+    ignored linear costs no statistics, and its width need not suit the block size)."""
     accs, handles = {}, []
     for group in family.shared_inputs:
+        if targets is not None and not any(n in targets for n in group):
+            continue
         lin = block.get_submodule(group[0])
         d_in = lin.in_features
         acc = accumulator(d_in, full=full, hessian_block=hessian_block)
         for name in group:
-            accs[name] = acc
+            if targets is None or name in targets:
+                accs[name] = acc
         handles.append(lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
     try:
         outs = run_block(block, hiddens, kwargs)
@@ -102,8 +115,10 @@ def block_stats(block: nn.Module, family: Family, hiddens: list[torch.Tensor], k
 def iterate_blocks(model: nn.Module, family: Family, token_ids: torch.Tensor, *, full: bool, mode: str,
                    batch_size: int = 8, hessian_block: int | None = None,
                    prune_block: Callable[[int, nn.Module, dict[str, LayerStats]], None] | None = None,
-                   progress: bool = True) -> Iterator[tuple[int, dict[str, LayerStats]]]:
-    """Yield (block index, {local linear name: LayerStats}) for every decoder block.
+                   progress: bool = True, targets: Collection[str] | None = None
+                   ) -> Iterator[tuple[int, dict[str, LayerStats]]]:
+    """Yield (block index, {local linear name: LayerStats}) for every decoder block; with ``targets`` (fully
+    qualified names) only the statistics of those linears are built.
 
     In sequential mode ``prune_block(i, block, stats)`` must replace the block's linears; the block
     is then re-run to produce the next block's inputs."""
@@ -115,7 +130,8 @@ def iterate_blocks(model: nn.Module, family: Family, token_ids: torch.Tensor, *,
     hiddens, kwargs = block_inputs(model, family, token_ids, batch_size)
     for i in tqdm(range(len(layers)), desc=f"calibrate ({mode})", disable=not progress):
         block = layers[i]
-        stats, outs = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block)
+        stats, outs = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block,
+                                  targets=block_targets(family, i, targets))
         yield i, stats
         if mode == "sequential":
             prune_block(i, block, stats)

@@ -97,7 +97,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
 
 
 def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> None:
-    from solver.config import PRESETS, SELECTIONS
+    from solver.config import OBJECTIVES, PRESETS, SELECTIONS
     from solver.methods import METHODS
 
     g = p.add_argument_group("solver")
@@ -116,10 +116,9 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                    help="exact sparse-core rounds per ARMOR iteration (overrides the preset)")
     g.add_argument("--selection", choices=SELECTIONS, default=None, help="sparse-core group selection rule")
     g.add_argument("--patience", type=integer(1), default=None, help="early-stop patience in iterations (default 100)")
-    g.add_argument("--objective", choices=("diag", "block-hessian", "block-output"), default=None,
+    g.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="ARMOR proxy: diag (the paper's, default); block-hessian (also the input correlations "
-                        "inside each b x b block); block-output (the layer's output error with H kept "
-                        "block-diagonal). The block ones need full calibration statistics")
+                        "inside each b x b block; needs H's b x b diagonal blocks from calibration)")
     g.add_argument("--hessian-damp", type=number(0, 1e6), default=None,
                    help="block objectives and the refit: damping added to H, relative to mean(diag H) "
                         "(default 0.01)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from armor_export.adapters import Family, UnsupportedModel
-from armor_export.capture import block_inputs, block_stats
+from armor_export.capture import block_inputs, block_stats, block_targets
 from armor_export.models import check_complete, check_finite, safetensors_files
 from solver.stats import LayerStats
 
@@ -167,8 +167,10 @@ def materialize(block: nn.Module, ckpt: Checkpoint, prefix: str) -> nn.Module:
 
 def iterate_blocks_lazy(model: nn.Module, ckpt: Checkpoint, family: Family, token_ids: torch.Tensor, *,
                         full: bool, batch_size: int = 8, last: int | None = None, hessian_block: int | None = None,
-                        progress: bool = True) -> Iterator[tuple[int, dict[str, LayerStats]]]:
-    """Like ``capture.iterate_blocks`` in dense mode, holding one decoder layer at a time.
+                        progress: bool = True, targets: Collection[str] | None = None
+                        ) -> Iterator[tuple[int, dict[str, LayerStats]]]:
+    """Like ``capture.iterate_blocks`` in dense mode (statistics of ``targets`` only), holding one decoder layer
+    at a time.
     ``last``: stop after this block (nothing later is needed)."""
     layers = model.get_submodule(family.layers_path)
     hiddens, kwargs = block_inputs(model, family, token_ids, batch_size)
@@ -176,7 +178,8 @@ def iterate_blocks_lazy(model: nn.Module, ckpt: Checkpoint, family: Family, toke
     for i in tqdm(range(n), desc="calibrate (layer by layer)", disable=not progress):
         block = materialize(layers[i], ckpt, f"{family.layers_path}.{i}.")
         try:
-            stats, hiddens = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block)
+            stats, hiddens = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block,
+                                         targets=block_targets(family, i, targets))
         finally:
             block.to("meta")
         yield i, stats

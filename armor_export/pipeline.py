@@ -110,8 +110,8 @@ def prunable(loaded: Loaded, solver_cfg: SolverConfig, ignore: tuple[str, ...] =
 
 def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, full: bool, batch_size: int = 8,
                   progress: bool = True, hessian_block: int | None = None) -> dict[str, LayerStats]:
-    """Dense one-pass statistics for every target (the paper's calibration): h, and the full H (``full``) or
-    its ``hessian_block``-wide diagonal blocks."""
+    """Dense one-pass statistics for ``names`` only (the paper's calibration): h, and the full H (``full``) or
+    its ``hessian_block``-wide diagonal blocks. Linears outside ``names`` (``--ignore``) get no accumulator."""
     wanted, stats = set(names), {}
     if not names:
         return stats
@@ -121,10 +121,11 @@ def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, ful
 
         blocks = iterate_blocks_lazy(loaded.model, loaded.lazy, loaded.family, tokens.token_ids, full=full,
                                      batch_size=batch_size, last=last, progress=progress,
-                                     hessian_block=hessian_block)
+                                     hessian_block=hessian_block, targets=wanted)
     else:
         blocks = iterate_blocks(loaded.model, loaded.family, tokens.token_ids, full=full, mode="dense",
-                                batch_size=batch_size, progress=progress, hessian_block=hessian_block)
+                                batch_size=batch_size, progress=progress, hessian_block=hessian_block,
+                                targets=wanted)
     for i, bstats in blocks:
         for local, st in bstats.items():
             fqn = f"{loaded.family.layers_path}.{i}.{local}"
@@ -195,7 +196,8 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
 
     try:
         for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, mode="sequential",
-                                batch_size=calib.batch_size, prune_block=prune_block, progress=progress, **request):
+                                batch_size=calib.batch_size, prune_block=prune_block, progress=progress,
+                                targets=names, **request):
             pass
     finally:
         for n, module in originals.items():

@@ -289,7 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="ARMOR Adam learning rate (default: PRESETS['cpu'])")
     p.add_argument("--sparse-rounds", type=int, default=None,
                    help="ARMOR sparse-core rounds per iteration (default: PRESETS['cpu'])")
-    p.add_argument("--objective", default="diag", choices=("diag", "block-hessian", "block-output"),
+    p.add_argument("--objective", default="diag", choices=("diag", "block-hessian"),
                    help="ARMOR proxy of the main table (block-hessian needs full H; solver/block_hessian.py)")
     p.add_argument("--refit", default="none", choices=("none", "output"),
                    help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")

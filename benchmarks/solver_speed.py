@@ -31,6 +31,7 @@ import torch
 
 from solver import armor
 from solver.bcd_objective import to_cols
+from solver.bcd_state import LayerStart, init_state
 from solver.blockdiag import left_mul, right_mul
 from solver.config import PRESETS, SolverConfig
 from solver.core_step import group_scores, select, solve_patterns
@@ -62,12 +63,12 @@ def real_weights() -> dict[str, list[torch.Tensor]]:
 class Reference:
     """Official-style iteration on one layer (autograd + torch.optim.Adam + 4 forwards)."""
 
-    def __init__(self, start: dict, cfg: SolverConfig):
+    def __init__(self, start: LayerStart, cfg: SolverConfig):
         self.b, self.cfg = cfg.block_size, cfg
-        self.W, self.h, self.M = start["W_bar"], start["h"], start["M"].clone()
-        self.A = start["A"].clone().requires_grad_()
-        self.B = start["B"].clone().requires_grad_()
-        self.V = start["S"].clone().requires_grad_()
+        self.W, self.h, self.M = start.W_bar, start.h, start.M.clone()
+        self.A = start.A.clone().requires_grad_()
+        self.B = start.B.clone().requires_grad_()
+        self.V = start.S.clone().requires_grad_()
         self.Z = float((self.W.pow(2) * self.h).sum())
         self.opt = torch.optim.Adam([self.A, self.B, self.V], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -77,10 +78,9 @@ class Reference:
 
     def step(self) -> float:
         b, W, h = self.b, self.W, self.h
-        if self.cfg.continuous == "adam":
-            self.opt.zero_grad()
-            self.loss(self.A, self.V * self.M, self.B).backward()
-            self.opt.step()
+        self.opt.zero_grad()
+        self.loss(self.A, self.V * self.M, self.B).backward()
+        self.opt.step()
         S = (self.V * self.M).detach().requires_grad_()
         self.loss(self.A, S, self.B).backward()  # full backward, also into A and B (official)
         Gamma = S.grad
@@ -126,9 +126,9 @@ def time_interleaved(Ws, hs, cpu: SolverConfig, iters: int, preset: SolverConfig
     d_out, d_in = Ws[0].shape
     K = len(armor.batches(list(range(len(Ws))), min(cpu.max_batch, armor.BATCH_ELEMS // (d_out * d_in)))[0])
     starts = [armor.prepare(f"l{i}", W, h, cpu.block_size) for i, (W, h) in enumerate(zip(Ws[:K], hs[:K]))]
-    st = armor._init_batch(starts, cpu, torch.device("cpu"))
+    st = init_state(starts, cpu.block_size, torch.device("cpu"))
     gens = [torch.Generator().manual_seed(cpu.seed) for _ in range(K)]
-    st_p = armor._init_batch(starts, preset, torch.device("cpu"))
+    st_p = init_state(starts, preset.block_size, torch.device("cpu"))
     gens_p = [torch.Generator().manual_seed(cpu.seed) for _ in range(K)]
     ref = Reference(starts[0], cpu)
     ref.step()  # warm-up

@@ -14,6 +14,7 @@ import torch
 
 from solver.normalizer import normalize
 from solver.sparsity import mask_24, positive_zeros
+from solver.stats import repair_h
 
 
 def magnitude_score(W: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,3 +34,11 @@ def prune_by_score(W: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, 
     """Return (S = W * M, M) for the 2:4 mask chosen by score."""
     M = mask_24(score)
     return positive_zeros(torch.where(M, W.float(), torch.zeros((), dtype=torch.float32))), M
+
+
+def nowag_start_mask(W: torch.Tensor, h: torch.Tensor, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ARMOR's start: (NoWag-P's 2:4 mask of W, the repaired h scaled to mean 1, entries of h replaced), on W's
+    device. One function for the solve and the refit that compares with this start."""
+    h, n_rep = repair_h(h.float().to(W.device), name)
+    h = h / h.mean()  # the loss is scale-free in h; this keeps Z far from fp32 overflow
+    return mask_24(nowag_score(W, h)), h, n_rep

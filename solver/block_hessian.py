@@ -13,11 +13,6 @@ wrapper B' = B C: the same solver, the same exact 2:4 group solves (each tile st
 and its core tile), started from B' = C (that is B = I, the NoWag-P start), while Adam moves B itself
 (the chain rule through B' = B C), so that with a diagonal H the solve is the specified one.
 
-"block-output" drops the normaliser's down-weighting of loud rows and columns as well (armor-algorithm.md
-section 2.2: in the original space the specified loss divides by r_i^2 c_j^2), so it is the layer's output
-error with H kept block-diagonal: sum_q |(W - W_hat)_q C_q|^2 = |diag(r) (W_bar - A S B) diag(c) C|^2.
-The rows go into the output wrapper the same way: A' = diag(r) A (still block-diagonal), and the metric of
-the input side is the Cholesky factor of the blocks of diag(c) H diag(c).
 Pure functions; fp32 in, the Cholesky in fp64.
 """
 from __future__ import annotations
@@ -61,20 +56,3 @@ def to_metric(W_bar: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 def in_metric(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """B' = B C in fp64 (for the exact fp64 loss of stored factors)."""
     return torch.matmul(B.double(), C.double())
-
-
-def metric(W_bar: torch.Tensor, r: torch.Tensor, c: torch.Tensor, H_blocks: torch.Tensor, b: int, damp: float,
-           objective: str, name: str = "layer") -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(row weights rho [d_out] or None, input metric C [n1, b, b]) of ``objective`` for one layer, from H's
-    diagonal blocks: the solver then works on W' = diag(rho) W_bar C, A' = diag(rho) A, B' = B C, unit h."""
-    if objective == "block-hessian":
-        return None, hessian_factor(H_blocks, b, damp, name)
-    if objective == "block-output":
-        cb = c.float().view(-1, b)
-        return r.float(), hessian_factor(H_blocks.float() * cb[:, :, None] * cb[:, None, :], b, damp, name)
-    raise ValueError(f"{name}: no Hessian metric for objective {objective!r}")
-
-
-def rows_in(A: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
-    """A' = diag(rho) A for A [n0, b, b] (rows of every block scaled); A itself when rho is None."""
-    return A if rho is None else A * rho.view(A.shape[0], A.shape[1], 1).to(A.dtype)

@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass
 
 SELECTIONS = ("gradient-random", "gradient-greedy", "uniform")
-CONTINUOUS = ("adam", "none")
 LR_SCHEDULES = ("constant", "cosine")
-OBJECTIVES = ("diag", "block-hessian", "block-output")
-REFITS = ("none", "output")
+OBJECTIVES = ("diag", "block-hessian")  # the metrics of solver/metric.py
+REFITS = ("none", "output")  # solver/refit_step.py
+# Options that left the product (they measured worse or were reachable only from tests; benchmarks/RESULTS_quality.md
+# keeps their numbers): old manifests still load when they hold the value of the kept path.
+RETIRED = {"continuous": "adam", "reset_adam_on_mask_change": False}
 
 
 @dataclass(frozen=True)
@@ -26,20 +28,17 @@ class SolverConfig:
     lr_schedule: str = "constant"  # "cosine": decays lr to 0 over the iterations
     selection: str = "gradient-random"
     sparse_rounds: int = 1  # exact sparse-core rounds per iteration (official n_sparse_core_updates_per_iter)
-    continuous: str = "adam"
     patience: int = 100
     rtol: float = 1e-6
     atol: float = 1e-8
     seed: int = 0
-    reset_adam_on_mask_change: bool = False
     sparsegpt_block: int = 128
     sparsegpt_damp: float = 0.01
     device: str = "cpu"
     max_batch: int = 64  # ARMOR: at most this many same-shaped layers solved together (1 = one by one)
-    # ARMOR's proxy: "diag" is the specified one (sum h_j E_ij^2); "block-hessian" also weighs the error by the
-    # off-diagonal input Hessian inside each of B's b x b blocks; "block-output" is the layer's output error with
-    # H kept block-diagonal (no normaliser down-weighting). Both need H's b x b diagonal blocks
-    # (solver/block_hessian.py; calibration collects them, or reads them off a full H).
+    # ARMOR's proxy, the metric of its descent (solver/metric.py): "diag" is the specified one (sum h_j E_ij^2);
+    # "block-hessian" also weighs the error by the off-diagonal input Hessian inside each of B's b x b blocks and
+    # needs H's b x b diagonal blocks (solver/block_hessian.py; calibration collects them, or reads them off H).
     objective: str = "diag"
     hessian_damp: float = 0.01  # block objectives: added to every H block's diagonal, relative to mean(diag H)
     # ARMOR, after the BCD: "output" refits S's kept values, A and B to the layer's output error under the full
@@ -58,8 +57,6 @@ class SolverConfig:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.continuous not in CONTINUOUS:
-            raise ValueError(f"continuous must be one of {CONTINUOUS}, got {self.continuous!r}")
         if self.sparse_rounds <= 0:
             raise ValueError(f"sparse_rounds must be > 0, got {self.sparse_rounds}")
         if self.patience <= 0:
@@ -89,6 +86,14 @@ class SolverConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SolverConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        for key, kept in RETIRED.items():
+            if key in d and d[key] != kept:
+                raise ValueError(f"solver option {key}={d[key]!r} was retired (only {kept!r} remains); this "
+                                 f"configuration cannot be re-run by this version")
+        if d.get("objective") == "block-output":
+            raise ValueError("objective 'block-output' was retired (it measured worse than block-hessian); "
+                             "this configuration cannot be re-run by this version")
+        d = {k: v for k, v in d.items() if k not in RETIRED}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown solver option(s) {unknown}; known: {sorted(known)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from solver.bcd_state import BCDState
 from solver.config import SELECTIONS
 
 PATTERNS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
@@ -95,8 +96,8 @@ def selection_table(scores: torch.Tensor, selection: str) -> dict:
         return table
     total = scores.sum(-1)
     table["degenerate"] = ~(torch.isfinite(total) & (total > 0))
-    if selection == "gradient-greedy":
-        table["greedy"] = torch.argmax(torch.nan_to_num(scores, nan=0.0), dim=-1)
+    if selection == "gradient-greedy":  # a copy: every pick is struck from it (select), so rounds never repeat
+        table["greedy"] = torch.nan_to_num(scores, nan=0.0)
     else:
         table["cs"] = torch.cumsum(scores, dim=-1)
     return table
@@ -105,7 +106,9 @@ def selection_table(scores: torch.Tensor, selection: str) -> dict:
 def select(scores: torch.Tensor | None, rand: torch.Tensor, selection: str, table: dict | None = None):
     """One candidate per block pair. rand [K, n0, n1] uniform in [0, 1) (one per pair, per-layer generator).
 
-    ``table`` (from ``selection_table``) replaces ``scores`` when several rounds share one set of scores.
+    ``table`` (from ``selection_table``) replaces ``scores`` when several rounds share one set of scores;
+    gradient-greedy then takes the highest-scoring group not yet taken with this table (each pick is struck
+    from the table), so the rounds of one iteration re-solve R different groups of each block pair.
     Returns (candidate [K, n0, n1] long, number of pairs that fell back to uniform [K])."""
     table = selection_table(scores, selection) if table is None else table
     C = table["C"]
@@ -113,7 +116,8 @@ def select(scores: torch.Tensor | None, rand: torch.Tensor, selection: str, tabl
     if selection == "uniform":
         return uniform, torch.zeros(table["K"], dtype=torch.long, device=rand.device)
     if selection == "gradient-greedy":
-        pick = table["greedy"]
+        pick = torch.argmax(table["greedy"], dim=-1)
+        table["greedy"].scatter_(-1, pick[..., None], -1.0)  # scores are >= 0: a taken group ranks last
     else:
         cs = table["cs"]
         target = (rand * cs[..., -1])[..., None]
@@ -123,39 +127,37 @@ def select(scores: torch.Tensor | None, rand: torch.Tensor, selection: str, tabl
     return pick, degenerate.flatten(1).sum(1)
 
 
-def sparse_core_round(st: dict, cand: torch.Tensor, b: int, reset_moments: bool) -> dict:
+def sparse_core_round(st: BCDState, cand: torch.Tensor, b: int) -> dict:
     """One exact round on the groups ``cand`` [K, n0, n1] (candidate index per block pair), caches refreshed.
 
-    ``st`` holds A, B, V, M, S, T, G, dT, Gamma, hz, Z (and the Adam moments m_V, v_V). The residual
+    Reads and writes A, B, V, M, S, T, G, dT, Gamma, hz, Z of ``st`` (solver.bcd_state). The residual
     E is not refreshed (the next forward recomputes it). Returns failed_solves, mask_changes and
     dloss (exact change of L, fp64, <= 0), each [K]."""
-    counts, term = _round(st, cand, b, [], reset_moments, group_grams(st["B"], st["h"], b))
+    At = st.A.transpose(-1, -2).contiguous()
+    counts, term = _round(st, cand, b, [], group_grams(st.B, st.h, b), At)
     _refresh(st, [term], b)
     return counts
 
 
-def sparse_core_rounds(st: dict, draw, b: int, rounds: int, selection: str, reset_moments: bool) -> dict:
+def sparse_core_rounds(st: BCDState, draw, b: int, rounds: int, selection: str) -> dict:
     """``rounds`` exact rounds on the batched state ``st`` in place; per-layer counts summed over rounds.
 
     ``draw()`` returns one uniform [K, n0, n1] tensor per round (per-layer generators). Every round
     samples its groups from the selection scores at the first round (A and B do not move between
-    rounds, only S does); each re-solve is exact against the current state, because the group's
+    rounds, only S does; gradient-greedy takes the next-best group each round, never one twice); each re-solve is exact against the current state, because the group's
     gradient entries include the rank-one terms of the earlier rounds. The caches are refreshed once
     at the end (one in-place rank-one pass per round). With rounds = 1 this is ``sparse_core_round`` on
     the sampled groups. Adds uniform_fallbacks [K] to the counts."""
-    if "scratch" not in st:
-        st["scratch"] = torch.empty_like(st["Gamma"])
-    table = selection_table(group_scores(st["Gamma"], b, st["scratch"]), selection)
-    Qall = group_grams(st["B"], st["h"], b)  # A and B do not move between rounds
-    st["At"] = st["A"].transpose(-1, -2).contiguous()
+    table = selection_table(group_scores(st.Gamma, b, st.scratch), selection)
+    Qall = group_grams(st.B, st.h, b)  # A and B do not move between rounds
+    At = st.A.transpose(-1, -2).contiguous()
     terms, total = [], None
     for _ in range(rounds):
         cand, fallbacks = select(None, draw(), selection, table)
-        counts, term = _round(st, cand, b, terms, reset_moments, Qall)
+        counts, term = _round(st, cand, b, terms, Qall, At)
         counts["uniform_fallbacks"] = fallbacks
         terms.append(term)
         total = counts if total is None else {k: total[k] + v for k, v in counts.items()}
-    del st["At"]
     _refresh(st, terms, b)
     return total
 
@@ -174,13 +176,14 @@ def group_grams(B: torch.Tensor, h: torch.Tensor, b: int) -> torch.Tensor:
                         Bg.transpose(-1, -2))
 
 
-def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: bool, Qall: torch.Tensor):
+def _round(st: BCDState, cand: torch.Tensor, b: int, earlier: list, Qall: torch.Tensor, At: torch.Tensor):
     """Re-solve the groups ``cand`` exactly; write S, M, V and the rows of T; return (counts, term).
 
-    ``earlier`` holds the terms of this iteration's previous rounds, not yet in the caches. Groups
+    ``earlier`` holds the terms of this iteration's previous rounds, not yet in the caches; Qall the group
+    Grams (``group_grams``), At = A^T per block (A does not move between rounds). Groups
     are addressed by flat row indices (index_select/index_copy_ on [-1, 4] views): several times
     cheaper on CPU than multi-dimensional advanced indexing."""
-    A, B, S, Z = st["A"], st["B"], st["S"], st["Z"]
+    A, B, S, Z = st.A, st.B, st.S, st.Z
     K, n1, d_out, _ = S.shape
     n0, g4 = d_out // b, b // 4
     dev = S.device
@@ -194,15 +197,14 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     shape4 = (K, n0, n1, 4)
     take = lambda X: X.view(-1, 4).index_select(0, gidx).view(shape4)  # noqa: E731
     put = lambda X, v: X.view(-1, 4).index_copy_(0, gidx, v.reshape(-1, 4))  # noqa: E731
-    s_old, gam = take(S), take(st["Gamma"])
+    s_old, gam = take(S), take(st.Gamma)
     if earlier:  # Gamma change of an earlier round: (A_p^T a_r)[i] (w_r B_q^T)[group], by flat indices
         pair = torch.arange(K * n0 * n1, device=dev)
         ia, iw = pair * b + ii.reshape(-1), pair * g4 + gg.reshape(-1)
         for _a, _w, Ata_r, wB_r in earlier:
             gam = gam + (Ata_r.view(-1).index_select(0, ia)[:, None]
                          * wB_r.view(-1, 4).index_select(0, iw)).view(shape4)
-    # column i_loc of A_p: row i_loc of A_p^T (transposed once per iteration: A does not move between rounds)
-    At = st["At"] if "At" in st else A.transpose(-1, -2).contiguous()
+    # column i_loc of A_p: row i_loc of A_p^T
     a = At.view(-1, b).index_select(0, ((kk * n0 + pp) * b + ii).reshape(-1)).view(K, n0, n1, b)
     bidx = ((kk * n1 + qq) * g4 + gg).reshape(-1)  # (layer, input block, group): row of B.view(-1, 4 b)
     Bg = B.reshape(-1, 4 * b).index_select(0, bidx).view(K, n0, n1, 4, b)  # rows of B_q in the group
@@ -213,23 +215,18 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     s_new, pat, accept, failed, dphi = solve_patterns(Q, u, a2, s_old)
     s_new = s_new.to(S.dtype)
     m_new = pattern_masks(dev, S.dtype).index_select(0, pat.reshape(-1)).view(shape4)
-    m_old = take(st["M"])  # the mask is a 0/1 tensor of S's dtype (no bool conversion in S = V M)
+    m_old = take(st.M)  # the mask is a 0/1 tensor of S's dtype (no bool conversion in S = V M)
     changed = accept & (m_new != m_old).any(-1)
     m_new = torch.where(accept[..., None], m_new, m_old)
-    put(st["M"], m_new)
-    put(st["V"], s_new)  # V outside M never reaches S, and the group's kept entries are s_new
+    put(st.M, m_new)
+    put(st.V, s_new)  # V outside M never reaches S, and the group's kept entries are s_new
     put(S, s_new)
-    if reset_moments:
-        keep = (~changed)[..., None].to(S.dtype)
-        for key in ("m_V", "v_V"):
-            if key in st:
-                put(st[key], take(st[key]) * keep)
     ds = s_new - s_old  # zero where not accepted
     dTrow = (ds[..., :, None] * Bg).sum(-2)  # [K, n0, n1, b]: change of row i of T in column block q
     tidx = (row * n1 + qq).reshape(-1)  # row i of T within column block q: one per pair, never repeated
-    Tb = st["T"].view(-1, b)
+    Tb = st.T.view(-1, b)
     Tb.index_copy_(0, tidx, Tb.index_select(0, tidx).add_(dTrow.reshape(-1, b)))
-    w = dTrow * st["hz"].view(K, 1, n1, b)  # change of row i of the residual tile, times (2/Z) h
+    w = dTrow * st.hz.view(K, 1, n1, b)  # change of row i of the residual tile, times (2/Z) h
     Ata = torch.matmul(a, A)  # A_p^T a, as the row vector a^T A_p (one bmm over (layer, output block))
     wB = torch.einsum("kpqj,kqmj->kpqm", w, B).contiguous()  # w B_q^T
     counts = {"failed_solves": failed.flatten(1).sum(1), "mask_changes": changed.flatten(1).sum(1),
@@ -237,15 +234,15 @@ def _round(st: dict, cand: torch.Tensor, b: int, earlier: list, reset_moments: b
     return counts, (a, w, Ata, wB)
 
 
-def _refresh(st: dict, terms: list, b: int) -> None:
+def _refresh(st: BCDState, terms: list, b: int) -> None:
     """Add the rounds' tile terms to the cached G, dT and Gamma (a few d_out*d_in FLOP each)."""
-    K, n1, d_out, _ = st["S"].shape
+    K, n1, d_out, _ = st.S.shape
     n0 = d_out // b
     tiles = lambda X: X.view(K, n0, b, n1, b).permute(0, 1, 3, 2, 4)  # noqa: E731  [K, n0, n1, b, b] of rows
     ctiles = lambda X: X.view(K, n1, n0, b, b).transpose(1, 2)  # noqa: E731  the same of the column layout
     # One in-place addcmul per term: a batched rank-R product of the b x b tiles plus one add is
     # 1.6x slower on CPU even at R = 4 (tiny per-tile matmuls, and a full temporary).
     for a, w, Ata, wB in terms:
-        tiles(st["G"]).addcmul_(a[..., :, None], w[..., None, :])  # G = (2/Z) E (.) h
-        tiles(st["dT"]).addcmul_(Ata[..., :, None], w[..., None, :])
-        ctiles(st["Gamma"]).addcmul_(Ata[..., :, None], wB[..., None, :])
+        tiles(st.G).addcmul_(a[..., :, None], w[..., None, :])  # G = (2/Z) E (.) h
+        tiles(st.dT).addcmul_(Ata[..., :, None], w[..., None, :])
+        ctiles(st.Gamma).addcmul_(Ata[..., :, None], wB[..., None, :])

@@ -28,12 +28,37 @@ class Problem:
     stats: LayerStats | None  # None only for methods that need no calibration
 
 
+NEEDS = ("none", "diag", "blocks", "full")  # calibration statistics, each level including the ones before
+
+
+def _needs(level: str) -> Callable[[SolverConfig], str]:
+    return lambda cfg: level
+
+
+def _no_check(p: Problem, cfg: SolverConfig) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a method: the statistics it reads with a configuration's settings, a check of one problem
+    that runs for every problem before any step starts, and the stage itself (the previous step's results in,
+    None for the first)."""
+    name: str
+    needs: Callable[[SolverConfig], str]  # one of NEEDS
+    run: Callable[[list[Problem], list[LayerResult] | None, SolverConfig], list[LayerResult]]
+    check: Callable[[Problem, SolverConfig], None] = _no_check
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
-    needs: str  # "none" | "diag" | "full"
     uses_wrappers: bool
-    run: Callable[[list[Problem], SolverConfig], list[LayerResult]]
+    steps: tuple[Step, ...]
+
+    def needs(self, cfg: SolverConfig) -> str:
+        """The strongest statistics any step reads with cfg's settings."""
+        return max((s.needs(cfg) for s in self.steps), key=NEEDS.index)
 
 
 def _mask_only(score_fn) -> Callable[[list[Problem], SolverConfig], list[LayerResult]]:
@@ -58,24 +83,65 @@ def _mask_only(score_fn) -> Callable[[list[Problem], SolverConfig], list[LayerRe
     return run
 
 
-def _sparsegpt(problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+def _sparsegpt(problems: list[Problem], _prev, cfg: SolverConfig) -> list[LayerResult]:
     from solver.sparsegpt import solve_layers
 
     return solve_layers(problems, cfg)
 
 
-def _armor(problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+def _bcd(problems: list[Problem], _prev, cfg: SolverConfig) -> list[LayerResult]:
     from solver.armor import solve_layers
 
     return solve_layers(problems, cfg)
 
 
+def _bcd_needs(cfg: SolverConfig) -> str:
+    from solver.metric import OBJECTIVES
+
+    return OBJECTIVES[cfg.objective]
+
+
+def _bcd_check(p: Problem, cfg: SolverConfig) -> None:
+    if _bcd_needs(cfg) == "blocks" and p.stats is not None and p.stats.hessian_blocks(cfg.block_size) is None:
+        raise ValueError(f"{p.name}: objective {cfg.objective!r} needs the input Hessian's {cfg.block_size}-wide "
+                         f"diagonal blocks (calibrate with the same block size, or full statistics)")
+
+
+def _refit(problems: list[Problem], prev: list[LayerResult], cfg: SolverConfig) -> list[LayerResult]:
+    from solver.refit_step import refit_layers
+
+    return refit_layers(problems, prev, cfg)
+
+
+def _refit_needs(cfg: SolverConfig) -> str:
+    from solver.refit_step import RefitConfig
+
+    return RefitConfig.of(cfg).needs()
+
+
+def _refit_check(p: Problem, cfg: SolverConfig) -> None:
+    from solver.refit_step import check
+
+    check(p, cfg)
+
+
+def _full_check(p: Problem, cfg: SolverConfig) -> None:
+    if p.stats is not None and p.stats.H is None:
+        raise ValueError(f"{p.name}: method {cfg.method!r} needs the full input Hessian (calibrate with full stats)")
+
+
+def _mask_step(score_fn, needs: str) -> Step:
+    run = _mask_only(score_fn)
+    return Step("mask", _needs(needs), lambda problems, _prev, cfg: run(problems, cfg))
+
+
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", "none", False, _mask_only(magnitude_score)),
-    "wanda": Method("wanda", "diag", False, _mask_only(wanda_score)),
-    "nowag": Method("nowag", "diag", False, _mask_only(nowag_score)),
-    "sparsegpt": Method("sparsegpt", "full", False, _sparsegpt),
-    "armor": Method("armor", "diag", True, _armor),
+    "magnitude": Method("magnitude", False, (_mask_step(magnitude_score, "none"),)),
+    "wanda": Method("wanda", False, (_mask_step(wanda_score, "diag"),)),
+    "nowag": Method("nowag", False, (_mask_step(nowag_score, "diag"),)),
+    "sparsegpt": Method("sparsegpt", False, (Step("sparsegpt", _needs("full"), _sparsegpt, _full_check),)),
+    "armor": Method("armor", True, (Step("bcd", _bcd_needs, _bcd, _bcd_check),
+                                    Step("refit", _refit_needs, _refit, _refit_check))),
 }
 
 
@@ -88,13 +154,9 @@ def get_method(name: str) -> Method:
 
 def stats_needed(cfg: SolverConfig) -> str:
     """"none" | "diag" | "blocks" | "full": the calibration statistics cfg's method needs with cfg's settings
-    ("blocks": h and H's cfg.block_size-wide diagonal blocks, which the full H also provides)."""
-    needs = get_method(cfg.method).needs
-    if cfg.method == "armor" and cfg.refit != "none":
-        return "full"
-    if cfg.method == "armor" and cfg.objective != "diag":
-        return "blocks"
-    return needs
+    ("blocks": h and H's cfg.block_size-wide diagonal blocks, which the full H also provides); each method's
+    steps declare their own."""
+    return get_method(cfg.method).needs(cfg)
 
 
 def stats_request(cfg: SolverConfig) -> dict:
@@ -104,14 +166,16 @@ def stats_request(cfg: SolverConfig) -> dict:
 
 
 def solve(method: str, problems: list[Problem], cfg: SolverConfig) -> list[LayerResult]:
+    """Check every problem against every step of ``method``, then run the steps in order."""
     m = get_method(method)
-    needs = stats_needed(dataclasses.replace(cfg, method=method))
+    cfg = dataclasses.replace(cfg, method=method)
+    needs = m.needs(cfg)
     for p in problems:
         if needs != "none" and p.stats is None:
             raise ValueError(f"{p.name}: method {method!r} needs calibration statistics")
-        if needs == "blocks" and p.stats.hessian_blocks(cfg.block_size) is None:
-            raise ValueError(f"{p.name}: objective {cfg.objective!r} needs the input Hessian's {cfg.block_size}-wide "
-                             f"diagonal blocks (calibrate with the same block size, or full statistics)")
-        if needs == "full" and p.stats.H is None:
-            raise ValueError(f"{p.name}: method {method!r} needs the full input Hessian (calibrate with full stats)")
-    return m.run(problems, cfg)
+        for step in m.steps:
+            step.check(p, cfg)
+    results = None
+    for step in m.steps:
+        results = step.run(problems, results, cfg)
+    return results

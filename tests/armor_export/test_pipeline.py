@@ -241,3 +241,38 @@ def test_sequential_calibration_feeds_the_block_objective(tiny_model_dir, tiny_t
     assert man["calibration"]["mode"] == "sequential"
     for v in man["layers"].values():
         assert v["notes"]["objective"] == "block-hessian" and v["loss_final"] <= v["loss_start"]
+
+
+def test_ignored_linears_get_no_statistics(tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
+    """--ignore'd linears get no accumulator (no full H), so a block objective runs although b = 16 does not
+    divide the ignored MLP's width 72 (it crashed in the blocks accumulator before)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from armor_export import capture
+    from armor_export.cli import main
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.intermediate_size = 72
+    odd = tmp_path / "odd"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(odd)
+    for p in tiny_model_dir.iterdir():
+        if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json":
+            shutil.copy2(p, odd / p.name)
+    widths, real = [], capture.accumulator
+    monkeypatch.setattr(capture, "accumulator", lambda d_in, **kw: widths.append(d_in) or real(d_in, **kw))
+    loaded = pipeline.load(str(odd))
+    tokens = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"),
+                                                                        samples=2, seqlen=16))
+    names = pipeline.target_names(loaded.family, 2, ("*.mlp.*",))
+    st = pipeline.collect_stats(loaded, names, tokens, full=True, progress=False)
+    assert sorted(st) == sorted(names) and widths == [64, 64] * 2  # q/k/v and o of both blocks, no MLP
+    widths.clear()
+    argv = ["prune", "--model", str(odd), "--block-size", "16", "--iterations", "2", "--objective", "block-hessian",
+            "--ignore", "*.mlp.*", "--calib-text", str(tiny_text_dir / "calib"), "--calib-samples", "2",
+            "--calib-seqlen", "16", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0 and widths == [64, 64] * 2
+    assert all(".mlp." not in n for n in read_manifest(tmp_path / "a")["targets"])
+    widths.clear()
+    assert main(argv[:-1] + [str(tmp_path / "s"), "--calib-mode", "sequential"]) == 0 and widths == [64, 64] * 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from solver import armor
+from solver.bcd_state import init_state
 from solver import bcd_objective as obj
 from solver.config import SolverConfig
 from solver.core_step import group_scores, select, solve_patterns, sparse_core_round, sparse_core_rounds
@@ -40,13 +41,13 @@ def _random_state(seed, d_out=20, d_in=12, b=4, K=1):
     cfg = SolverConfig(block_size=b)
     starts = [armor.prepare(f"l{k}", torch.randn(d_out, d_in, generator=g), torch.rand(d_in, generator=g) + 0.05, b)
               for k in range(K)]
-    st = armor._init_batch(starts, cfg, torch.device("cpu"))
+    st = init_state(starts, cfg.block_size, torch.device("cpu"))
     n0, n1 = d_out // b, d_in // b
-    st["A"] += 0.3 * torch.randn(K, n0, b, b, generator=g)  # leave the identity so every term matters
-    st["B"] += 0.3 * torch.randn(K, n1, b, b, generator=g)
-    st["T"], st["E"] = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
-    st["G"] = obj.weighted_residual(st["E"], st["hz"])
-    st["dT"], st["Gamma"] = obj.core_gradient(st["A"], st["B"], st["G"])
+    st.A += 0.3 * torch.randn(K, n0, b, b, generator=g)  # leave the identity so every term matters
+    st.B += 0.3 * torch.randn(K, n1, b, b, generator=g)
+    st.T, st.E = obj.forward(st.A, st.S, st.B, st.W_bar)
+    st.G = obj.weighted_residual(st.E, st.hz)
+    st.dT, st.Gamma = obj.core_gradient(st.A, st.B, st.G)
     return st, g
 
 
@@ -55,12 +56,12 @@ def test_closed_form_equals_brute_force_odd_shapes():
     for seed in range(3):
         st, g = _random_state(seed)
         n0, n1 = 5, 3
-        cand, _ = select(group_scores(st["Gamma"], b), torch.rand(1, n0, n1, generator=g), "gradient-random")
-        before = {k: st[k][0].double().numpy().copy() for k in ("W_bar", "h")}
-        before["S"] = obj.to_rows(st["S"])[0].double().numpy()  # S is kept in the column layout
-        A, B = st["A"][0].double().numpy(), st["B"][0].double().numpy()
-        sparse_core_round(st, cand, b, False)
-        S_after = obj.to_rows(st["S"])[0].double().numpy()
+        cand, _ = select(group_scores(st.Gamma, b), torch.rand(1, n0, n1, generator=g), "gradient-random")
+        before = {k: getattr(st, k)[0].double().numpy().copy() for k in ("W_bar", "h")}
+        before["S"] = obj.to_rows(st.S)[0].double().numpy()  # S is kept in the column layout
+        A, B = st.A[0].double().numpy(), st.B[0].double().numpy()
+        sparse_core_round(st, cand, b)
+        S_after = obj.to_rows(st.S)[0].double().numpy()
         for p in range(n0):
             for q in range(n1):
                 i, gl = divmod(int(cand[0, p, q]), b // 4)
@@ -73,31 +74,31 @@ def test_closed_form_equals_brute_force_odd_shapes():
                 # fp32 state + relative damping 1e-7: agree with the fp64 lstsq optimum to 1e-5 relative
                 assert abs(ours - brute) <= 1e-5 * max(brute, 1e-3), (seed, p, q, ours, brute)
                 assert ours <= old * (1 + 1e-6) + 1e-9  # never worse than the current group
-        assert ((st["S"][0].reshape(-1, 4) != 0).sum(-1) <= 2).all()
+        assert ((st.S[0].reshape(-1, 4) != 0).sum(-1) <= 2).all()
 
 
 def test_round_is_monotone_and_cache_consistent():
     b = 4
     st, g = _random_state(7, d_out=24, d_in=16, K=2)
-    L_prev = obj.loss_from(st["E"], st["G"])
+    L_prev = obj.loss_from(st.E, st.G)
     L_tracked = L_prev.clone()
     for _ in range(10):
-        cand, _ = select(group_scores(st["Gamma"], b), torch.rand(2, 6, 4, generator=g), "gradient-random")
-        counts = sparse_core_round(st, cand, b, False)
+        cand, _ = select(group_scores(st.Gamma, b), torch.rand(2, 6, 4, generator=g), "gradient-random")
+        counts = sparse_core_round(st, cand, b)
         assert (counts["dloss"] <= 0).all()
         L_tracked += counts["dloss"]
-        _, E = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
-        L = obj.loss_from(E, obj.weighted_residual(E, st["hz"]))
+        _, E = obj.forward(st.A, st.S, st.B, st.W_bar)
+        L = obj.loss_from(E, obj.weighted_residual(E, st.hz))
         assert (L <= L_prev * (1 + 1e-6)).all()  # fp32 loss sum: 1e-6 relative slack
         L_prev = L
     assert torch.allclose(L_tracked, L_prev, rtol=1e-5)  # tracked fp64 loss vs fp32 recompute
-    T, E = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
-    G = obj.weighted_residual(E, st["hz"])
-    dT, Gam = obj.core_gradient(st["A"], st["B"], G)
+    T, E = obj.forward(st.A, st.S, st.B, st.W_bar)
+    G = obj.weighted_residual(E, st.hz)
+    dT, Gam = obj.core_gradient(st.A, st.B, G)
     for key, fresh in (("T", T), ("G", G), ("dT", dT), ("Gamma", Gam)):
         # rank-one refreshed caches equal a recompute to fp32 rounding (values are O(1))
-        assert torch.allclose(st[key], fresh, atol=1e-5, rtol=1e-4), key
-    assert torch.equal(st["S"], st["V"] * st["M"])
+        assert torch.allclose(getattr(st, key), fresh, atol=1e-5, rtol=1e-4), key
+    assert torch.equal(st.S, st.V * st.M)
 
 
 @pytest.mark.parametrize("rounds", [2, 5])  # 2: per-term refresh; 5: one rank-5 refresh per tile
@@ -106,25 +107,25 @@ def test_rounds_equal_single_rounds_applied_one_after_another(rounds):
     # exact against the current state: same result as single rounds with a full cache refresh each
     b = 4
     st, g = _random_state(3, d_out=24, d_in=16, K=2)
-    ref = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+    ref = st.select(torch.arange(2))  # a copy
     rands = [torch.rand(2, 6, 4, generator=g) for _ in range(rounds)]
-    scores = group_scores(st["Gamma"], b)
+    scores = group_scores(st.Gamma, b)
     it = iter(rands)
-    counts = sparse_core_rounds(st, lambda: next(it), b, rounds, "gradient-random", False)
+    counts = sparse_core_rounds(st, lambda: next(it), b, rounds, "gradient-random")
     dloss, changes = torch.zeros(2, dtype=torch.float64), 0
     for r in rands:
-        c = sparse_core_round(ref, select(scores, r, "gradient-random")[0], b, False)
+        c = sparse_core_round(ref, select(scores, r, "gradient-random")[0], b)
         dloss, changes = dloss + c["dloss"], changes + c["mask_changes"]
     assert (counts["mask_changes"] == changes).all() and (counts["mask_changes"] > 0).all()
     # fp32 caches updated in a different order: equal to rounding (values are O(1))
     for key in ("S", "M", "V", "T", "G", "dT", "Gamma"):
-        assert torch.allclose(st[key].float(), ref[key].float(), atol=1e-5, rtol=1e-4), key
+        assert torch.allclose(getattr(st, key).float(), getattr(ref, key).float(), atol=1e-5, rtol=1e-4), key
     assert torch.allclose(counts["dloss"], dloss, rtol=1e-6)
-    T, E = obj.forward(st["A"], st["S"], st["B"], st["W_bar"])
-    G = obj.weighted_residual(E, st["hz"])
-    dT, Gam = obj.core_gradient(st["A"], st["B"], G)
+    T, E = obj.forward(st.A, st.S, st.B, st.W_bar)
+    G = obj.weighted_residual(E, st.hz)
+    dT, Gam = obj.core_gradient(st.A, st.B, G)
     for key, fresh in (("T", T), ("G", G), ("dT", dT), ("Gamma", Gam)):
-        assert torch.allclose(st[key], fresh, atol=1e-5, rtol=1e-4), key
+        assert torch.allclose(getattr(st, key), fresh, atol=1e-5, rtol=1e-4), key
 
 
 def test_solve_patterns_handles_singular_and_degenerate_groups():
@@ -163,3 +164,27 @@ def test_selection_rules():
     pick, _ = select(sc, r, "gradient-random")
     frac6 = (pick == 6).float().mean().item()
     assert abs(frac6 - 0.75) < 0.02  # 20000 draws: std 0.003
+
+
+def test_greedy_rounds_take_new_groups(monkeypatch):
+    """gradient-greedy with several rounds per iteration: round r re-solves the r-th best group of each block
+    pair (the rounds share one table), never the group of an earlier round."""
+    from solver.core_step import selection_table
+
+    scores = torch.tensor([[[[1.0, 4.0, 3.0, 2.0], [0.0, 5.0, 1.0, 5.0]]]])  # [K=1, n0=1, n1=2, C=4]
+    table = selection_table(scores, "gradient-greedy")
+    rand = torch.zeros(1, 1, 2)
+    picks = [select(None, rand, "gradient-greedy", table)[0][0, 0].tolist() for _ in range(4)]
+    assert picks == [[1, 1], [2, 3], [3, 2], [0, 0]]  # ties: the first index
+    # through the solver: the 3 rounds of one iteration re-solve 3 different groups of every block pair
+    from solver import core_step
+
+    seen, real = [], core_step._round
+    monkeypatch.setattr(core_step, "_round", lambda st, cand, *a: seen.append(cand.clone()) or real(st, cand, *a))
+    g = torch.Generator().manual_seed(0)
+    cfg = SolverConfig(block_size=8, iterations=1, selection="gradient-greedy", sparse_rounds=3)
+    st = init_state([armor.prepare("w", torch.randn(16, 16, generator=g), torch.rand(16, generator=g) + 0.5, 8)],
+                    cfg.block_size, torch.device("cpu"))
+    sparse_core_rounds(st, lambda: torch.rand(1, 2, 2, generator=g), 8, 3, "gradient-greedy")
+    cands = torch.stack(seen).flatten(1)  # [rounds, pairs]
+    assert len(seen) == 3 and all(len(set(c.tolist())) == 3 for c in cands.T)

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from solver import methods
-from solver.armor import solve_layers
 from solver.blockdiag import identity_blocks, left_mul, product, right_mul, to_dense
 from solver.config import SolverConfig
-from solver.methods import Problem, stats_needed
+from solver.methods import Problem, solve, stats_needed
 from solver.refit import (damped, output_loss, refit, refit_input_wrapper, refit_output_wrapper,
                           refit_values)
 from solver.sparsity import is_24, mask_24
@@ -145,8 +144,8 @@ def _armor_problems(n=2, d_out=32, d_in=64, full=True):
 def test_armor_refit_reports_output_losses_and_beats_plain_armor():
     probs = _armor_problems()
     base = SolverConfig(block_size=16, iterations=30, lr=3e-3, sparse_rounds=2, objective="block-hessian")
-    plain = solve_layers(probs, base)
-    fitted = solve_layers(probs, SolverConfig(**{**base.to_dict(), "refit": "output"}))
+    plain = solve("armor", probs, base)
+    fitted = solve("armor", probs, SolverConfig(**{**base.to_dict(), "refit": "output"}))
     for p, r0, r1 in zip(probs, plain, fitted):
         W, H = p.W, p.stats.H
         out0 = output_loss(W, r0.factors.to_dense(), H)
@@ -169,7 +168,7 @@ def _nowag_mask(p):
 
 def test_armor_refit_start_loss_is_the_nowag_start():
     p = _armor_problems(1)[0]
-    r = solve_layers([p], SolverConfig(block_size=16, iterations=5, refit="output"))[0]
+    r = solve("armor", [p], SolverConfig(block_size=16, iterations=5, refit="output"))[0]
     assert r.report.loss_start == pytest.approx(output_loss(p.W, p.W * _nowag_mask(p), p.stats.H), rel=1e-9)
 
 
