@@ -228,7 +228,6 @@ def cmd_report(a) -> int:
 
 def cmd_run(a) -> int:
     from armor_export import pipeline, report
-
     from armor_export.eval_suite import prepare, score
 
     engine = getattr(a, "sub_engine", None) or a.engine

@@ -77,7 +77,7 @@ def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
     s = full["artifact_summary"]
     lines = [
         f"# armor-export run ({_label(s)})", "",
-        f"| text | dense perplexity | {_label(s)} perplexity | windows x seqlen | text |", "|---|---|---|---|---|",
+        f"| text | dense perplexity | {_label(s)} perplexity | windows x seqlen | source |", "|---|---|---|---|---|",
         *(f"| {name} | {d['perplexity']:.3f} | {p['perplexity']:.3f} | {d['windows']} x {d['seqlen']} | "
           f"{', '.join(d['files'][:3])}{' ...' if len(d['files']) > 3 else ''} |" for name, d, p in _per_text(summary)),
         "",
