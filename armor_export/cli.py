@@ -134,9 +134,18 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
+    from armor_export.corpus import CORPORA
+
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-text", default=None, help=".txt file or folder (default: Shakespeare held-out split)")
-    g.add_argument("--eval-windows", type=integer(1), default=32, help="windows (default 32)")
+    g.add_argument("--eval-text", action="append", default=[], metavar="PATH",
+                   help=".txt file or folder to evaluate on (repeatable; default: the registered corpora)")
+    g.add_argument("--eval-corpus", action="append", default=None, metavar="NAMES",
+                   help=f"registered corpora, comma-separated, 'all' or 'none' (repeatable): "
+                        f"{', '.join(f'{c.name} ({c.domain})' for c in CORPORA.values())}. "
+                        f"Default: all of them, unless --eval-text is given")
+    g.add_argument("--eval-windows", type=integer(1), default=None,
+                   help="windows per text (default: 32 for a text; per corpus: "
+                        f"{', '.join(f'{c.name} {c.run_windows}' for c in CORPORA.values())})")
     g.add_argument("--eval-seqlen", type=integer(2), default=512, help="tokens per window (default 512)")
 
 
@@ -211,10 +220,18 @@ def calib_config(a):
                        mode=a.calib_mode)
 
 
-def eval_config(a):
-    from armor_export.config import EvalConfig
+def eval_configs(a) -> list:
+    """One EvalConfig per --eval-text and per --eval-corpus name, texts first."""
+    from armor_export.corpus import parse_corpus_list
+    from armor_export.eval_suite import eval_configs as build
 
-    return EvalConfig(text=a.eval_text, windows=a.eval_windows, seqlen=a.eval_seqlen)
+    corpora = None if a.eval_corpus is None else tuple(n for spec in a.eval_corpus for n in parse_corpus_list(spec))
+    return build(a.eval_text, corpora, windows=a.eval_windows, seqlen=a.eval_seqlen)
+
+
+def eval_config(a):
+    """The first evaluation text: the engines' parity check reads its windows."""
+    return eval_configs(a)[0]
 
 
 def cmd_prune(a) -> int:
@@ -235,17 +252,20 @@ def cmd_prune(a) -> int:
 
 def cmd_eval(a) -> int:
     from armor_export import pipeline
+    from armor_export.eval_suite import evaluate_all
 
     if a.artifact is not None and a.model is not None:
         raise ValueError("eval: pass either --model (a dense model) or --artifact (a pruned artifact, which "
                          "carries its own config and tokenizer), not both")
+    cfgs = eval_configs(a)
     if a.artifact is not None:
         model, tok, _ = pipeline.load_artifact_model(a.artifact)  # checks every file's hash first
         what = str(a.artifact)
     else:
         loaded = pipeline.load(a.model)
         model, tok, what = loaded.model, loaded.tokenizer, str(loaded.folder)
-    res = {"model": what, **pipeline.evaluate(model, tok, eval_config(a), what=what)}
+    evals = evaluate_all(model, tok, cfgs, what=what)
+    res = {"model": what, "perplexity": {k: v["perplexity"] for k, v in evals.items()}, "evals": evals}
     print(json.dumps(res, allow_nan=False))
     if a.json:
         from armor_export.fsutil import atomic_write_text
@@ -316,7 +336,7 @@ def cmd_run(a) -> int:
     from armor_export import fsutil
 
     engine = getattr(a, "sub_engine", None) or a.engine
-    cfgs = solver_config(a), calib_config(a), eval_config(a)  # every option checked before any work
+    cfgs = solver_config(a), calib_config(a), eval_configs(a)  # every option checked before any work
     low = None
     if engine is not None:  # the engine's library and family/feature checks run before any work
         from armor_export.models import resolve_model
@@ -326,13 +346,14 @@ def cmd_run(a) -> int:
         check_available(engine)
         low = get_lowering(engine)
         low.requires(resolve_model(a.model), ExportConfig())
-    inputs = (a.model, a.calib_text, a.eval_text)
+    inputs = (a.model, a.calib_text, *a.eval_text)
     with fsutil.run_folder(a.out, overwrite=a.overwrite, inputs=inputs) as out:
         return _run(a, out, engine, low, *cfgs)
 
 
-def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfg) -> int:
+def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfgs) -> int:
     from armor_export import pipeline, report
+    from armor_export.eval_suite import prepare, score
     from armor_export.config import check_positions
     from engines.base import ExportConfig
     from solver.methods import stats_needed
@@ -341,20 +362,20 @@ def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfg) -> int:
     summary: dict = {"engine": engine}
     loaded = pipeline.load(a.model)
     calibrates = stats_needed(scfg) != "none"
-    check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfg.seqlen)
+    check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfgs[0].seqlen)
     pipeline.prunable(loaded, scfg, tuple(a.ignore))  # block size, 2:4 shapes, --ignore: before the dense eval
-    summary["dense"] = pipeline.evaluate(loaded.model, loaded.tokenizer, ecfg, desc="perplexity (dense)",
-                                        what=str(loaded.folder))
+    texts = prepare(loaded.tokenizer, ecfgs)  # the pruned model keeps the tokenizer: tokenise once
+    summary["dense"] = score(loaded.model, texts, desc="perplexity (dense)", what=str(loaded.folder))
     art = pipeline.prune(a.model, scfg, ccfg, out / "artifact", ignore=tuple(a.ignore),
                          overwrite=True, loaded=loaded)
     del loaded
-    model, tok, _ = pipeline.load_artifact_model(art)
-    summary["pruned"] = pipeline.evaluate(model, tok, ecfg, desc="perplexity (pruned)", what=str(art))
+    model, _, _ = pipeline.load_artifact_model(art)
+    summary["pruned"] = score(model, texts, desc="perplexity (pruned)", what=str(art))
     del model
     if low is not None:
         engine_dir = low.lower(art, out / engine, ExportConfig(overwrite=True))
         summary["verify"] = low.verify(art, engine_dir, ExportConfig(report_dir=out / engine,
-                                                                     parity_tokens=parity_tokens(art, ecfg)))
+                                                                     parity_tokens=parity_tokens(art, ecfgs[0])))
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_run_summary(out, art, summary)
     report.print_run_summary(art, summary)

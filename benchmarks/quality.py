@@ -7,11 +7,14 @@ sweep), ``lr`` (Adam learning-rate sweep), ``rounds`` (sparse-core rounds per it
 block-size sweep), ``sequential`` (one-pass vs sequential calibration), ``modelopt``
 (NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). One dense calibration pass (full H when a
 method needs it; h = diag H) is shared by every one-pass method; each method's layers are swapped into a deep copy
-of the model as ``ArmorLinear`` and the copy is scored on the held-out windows (token perplexity, mean of window
-means, fp32, batch 1). Per run: perplexity, mean proxy loss (SolveReport ``loss_final``; 1 = all-zero weight),
+of the model as ``ArmorLinear`` and the copy is scored on every evaluation text (default: the registered corpora,
+in-domain Shakespeare and out-of-domain technical / general English, armor_export.corpus.CORPORA; token
+perplexity, mean of window means, fp32, batch 1; ``perplexity`` is the first text's, ``perplexities`` all).
+Per run: perplexities, mean proxy loss (SolveReport ``loss_final``; 1 = all-zero weight),
 A/B parameter overhead (``report.artifact_summary``), solve time. ARMOR's defaults come from
 ``solver.config.PRESETS["cpu"]`` at run time. Gap closed = (best baseline ppl - ARMOR ppl) / (best baseline ppl -
-dense ppl), best baseline = the lowest one-pass baseline perplexity.
+dense ppl), best baseline = the lowest one-pass baseline perplexity, per text. A main method ``armor:PRESET``
+is ARMOR with that preset's settings (e.g. ``armor:quality``).
 
 The JSON is rewritten after every run (``"partial": true`` until the end). ``--reuse`` takes runs from earlier JSONs
 made on the same token windows, so parts can run in separate processes and be merged (``--reuse-only`` computes
@@ -24,7 +27,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import platform
 import subprocess
@@ -38,10 +40,13 @@ import torch
 from armor_export import pipeline
 from armor_export.adapters import target_names
 from armor_export.artifact import LayerFactors
-from armor_export.config import CalibConfig, EvalConfig
+from armor_export.config import CalibConfig
+from armor_export.corpus import parse_corpus_list
+from armor_export.eval_suite import eval_configs, prepare
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
 from benchmarks.modelopt_launch import run_modelopt
+from benchmarks.quality_table import gap_closed, method_spec, ppls_str, table
 from benchmarks.synth import make_tiny_model_dir, sample_text
 from engines.torch_module import ArmorLinear, set_submodule
 from solver.config import PRESETS, SolverConfig
@@ -124,8 +129,11 @@ class Bench:
         self.names = target_names(fam, len(self.loaded.model.get_submodule(fam.layers_path)))
         self.calib_cfg = CalibConfig(text=args.calib_text, samples=args.calib_windows, seqlen=args.calib_seqlen)
         self.calib = pipeline.calibration_windows(self.loaded.tokenizer, self.calib_cfg)
-        self.ev = pipeline.eval_windows(self.loaded.tokenizer, EvalConfig(text=args.eval_text,
-                                        windows=args.eval_windows, seqlen=args.eval_seqlen))
+        corpora = None if args.eval_corpus is None else tuple(
+            n for spec in args.eval_corpus for n in parse_corpus_list(spec))
+        self.evs = {k: w for k, (_, w) in prepare(self.loaded.tokenizer, eval_configs(
+            args.eval_text, corpora, windows=args.eval_windows, seqlen=args.eval_seqlen)).items()}
+        self.ev = next(iter(self.evs.values()))  # the first text: gap closed, the ModelOpt cross-check
         preset = PRESETS["cpu"]
         self.b = args.block_size or preset["block_size"]
         self.iters = preset["iterations"] if args.iterations is None else args.iterations
@@ -135,10 +143,11 @@ class Bench:
         self.previous_runs, self.previous_modelopt, self.previous_dense = [], None, None
         for prev in args.reuse or ():
             self.load_previous(Path(prev), args.reuse_methods.split(","))
-        planned = (args.main_methods.split(",") if "main" in args.parts else []) + (
-            ["sparsegpt"] if "modelopt" in args.parts else [])
-        needs = lambda m: stats_needed(SolverConfig(method=m, objective=args.objective, refit=args.refit))  # noqa: E731
-        self.want_full = any(needs(m) in ("full", "blocks") and not self.has(m) for m in planned)
+        planned = [method_spec(m) for m in (args.main_methods.split(",") if "main" in args.parts else [])] + (
+            [("sparsegpt", {})] if "modelopt" in args.parts else [])
+        needs = lambda m, kw: stats_needed(SolverConfig(  # noqa: E731
+            method=m, objective=kw.get("objective", args.objective), refit=kw.get("refit", args.refit)))
+        self.want_full = any(needs(m, kw) in ("full", "blocks") and not (not kw and self.has(m)) for m, kw in planned)
 
     @staticmethod
     def key(r: dict) -> tuple:
@@ -155,9 +164,12 @@ class Bench:
         self.previous_dense = self.previous_dense or (prev.get("dense") and {**prev["dense"], "from": str(path)})
         self.previous_modelopt = (prev.get("modelopt") and {**prev["modelopt"], "from": str(path)}
                                   or self.previous_modelopt)
-        for what, mine in (("calibration", self.calib), ("evaluation", self.ev)):
-            if prev[what]["sha256"] != mine.sha256:
-                raise SystemExit(f"--reuse {path}: its {what} windows differ from this run's (sha256)")
+        if prev["calibration"]["sha256"] != self.calib.sha256:
+            raise SystemExit(f"--reuse {path}: its calibration windows differ from this run's (sha256)")
+        theirs = {k: v["sha256"] for k, v in prev["evaluation"].get("texts", {}).items()}
+        if theirs != {k: w.sha256 for k, w in self.evs.items()}:
+            raise SystemExit(f"--reuse {path}: its evaluation texts {sorted(theirs) or '(one, before the corpora)'} "
+                             f"or their windows differ from this run's {sorted(self.evs)} (sha256)")
         for r in prev["runs"]:
             if r["method"] in methods and not r.get("reused"):
                 self.cache.setdefault(self.key(r), {**r, "from": str(path)})
@@ -173,9 +185,10 @@ class Bench:
         if not self.args.quiet:
             print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    def ppl(self, model) -> tuple[float, float]:
+    def ppl(self, model) -> tuple[dict, float]:
+        """{text: perplexity} over every evaluation text, and the seconds all of them took."""
         t0 = time.perf_counter()
-        p = perplexity(model, self.ev.token_ids, batch_size=1, progress=False)
+        p = {k: perplexity(model, w.token_ids, batch_size=1, progress=False) for k, w in self.evs.items()}
         return p, round(time.perf_counter() - t0, 2)
 
     def get_stats(self, full: bool):
@@ -193,7 +206,7 @@ class Bench:
     def run(self, method: str, *, mode: str = "dense", block_size: int | None = None,
             iterations: int | None = None, damp: float | None = None, mask_only: bool = False,
             lr: float | None = None, rounds: int | None = None, objective: str | None = None,
-            refit: str | None = None) -> dict:
+            refit: str | None = None, preset: str | None = None) -> dict:
         """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
         b = self.b if block_size is None else block_size
         it = self.iters if iterations is None else iterations
@@ -232,47 +245,26 @@ class Bench:
                                                dataclasses.replace(self.calib_cfg, mode="sequential"),
                                                progress=False)
         solve_s = round(time.perf_counter() - t0, 2)
-        ppl, eval_s = self.ppl(model)
+        ppls, eval_s = self.ppl(model)
+        ppl = next(iter(ppls.values()))
         del model
-        label = (LABELS[method] + ("" if damp in (None, SolverConfig.sparsegpt_damp) else f" damp {damp}")
+        label = f"ARMOR --preset {preset}" if preset else (
+            LABELS[method] + ("" if damp in (None, SolverConfig.sparsegpt_damp) else f" damp {damp}")
                  + (" mask-only" if mask_only else "") + ("" if cfg.objective == "diag" else f" {cfg.objective}")
                  + ("" if cfg.refit == "none" else f" {cfg.refit}-refit"))
         r = {"method": method, "label": label, "calibration": mode,
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
              "lr": lr if method == "armor" else None, "sparse_rounds": rounds if method == "armor" else None,
              "objective": objective if method == "armor" else None, "refit": refit if method == "armor" else None,
-             "perplexity": ppl, **layer_summary(method, layers, self.loaded.model, stats),
+             "preset": preset, "perplexity": ppl, "perplexities": ppls, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
         assert self.key(r) == key
         self.cache[key] = r
         self.log(f"{label} ({mode}, b={r['block_size']}, it={r['iterations']}, lr={r['lr']}, "
-                 f"rounds={r['sparse_rounds']}): ppl {ppl:.3f}, "
+                 f"rounds={r['sparse_rounds']}): ppl {ppls_str(ppls)}, "
                  f"loss {r['mean_loss']}, solve {solve_s} s, eval {eval_s} s")
         return r
-
-
-def gap_closed(dense: float, baselines: list[dict], armor: dict) -> dict:
-    best = min(baselines, key=lambda r: r["perplexity"])
-    denom = best["perplexity"] - dense
-    value = (best["perplexity"] - armor["perplexity"]) / denom if denom > 0 and math.isfinite(denom) else None
-    return {"best_baseline": best["method"], "best_baseline_ppl": best["perplexity"], "armor_ppl": armor["perplexity"],
-            "dense_ppl": dense, "block_size": armor["block_size"], "iterations": armor["iterations"],
-            "value": value, "target": 0.6, "reached": value is not None and value >= 0.6}
-
-
-# ---------------------------------------------------------------- report
-def table(runs: list[dict], dense: dict | None) -> str:
-    lines = ["| run | calibration | b | iters | ppl | mean proxy loss | A/B overhead | solve s |",
-             "|---|---|---|---|---|---|---|---|"]
-    if dense and dense.get("perplexity"):
-        lines.append(f"| dense | - | - | - | {dense['perplexity']:.3f} | 0 | - | - |")
-    fmt = lambda x, s: "-" if x is None else format(x, s)  # noqa: E731
-    for r in runs:
-        lines.append(f"| {r['label']} | {r['calibration']} | {fmt(r['block_size'], 'd')} | {fmt(r['iterations'], 'd')} "
-                     f"| {r['perplexity']:.3f} | {fmt(r['mean_loss'], '.4f')} | {100 * r['param_overhead']:.1f}% "
-                     f"| {r['solve_seconds']:.1f}{' (reused)' if r.get('reused') or r.get('from') else ''} |")
-    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -281,7 +273,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF folder or GGUF (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="results/quality.json")
     p.add_argument("--calib-text", default=None, help="calibration text file/folder (default: Shakespeare split)")
-    p.add_argument("--eval-text", default=None, help="evaluation text file/folder (default: held-out split)")
+    p.add_argument("--eval-text", action="append", default=[], help="evaluation text file/folder (repeatable)")
+    p.add_argument("--eval-corpus", action="append", default=None,
+                   help="registered corpora, comma-separated (default: all, unless --eval-text is given)")
     for name, default in (("calib-windows", 64), ("calib-seqlen", 512), ("eval-windows", 32), ("eval-seqlen", 512)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--block-size", type=int, default=None, help="ARMOR b (default: PRESETS['cpu'])")
@@ -295,7 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")
     p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
     p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")
-    p.add_argument("--main-methods", default=",".join((*BASELINES, "armor")), help="methods of the main table")
+    p.add_argument("--main-methods", default=",".join((*BASELINES, "armor", "armor:quality")),
+                   help="methods of the main table; armor:PRESET = ARMOR with a preset's settings")
     p.add_argument("--block-sizes", default="16,32,64", help="block-size sweep")
     p.add_argument("--iter-sweep", default=None, help="iteration sweep (default: 0,100,D,3D with D the default)")
     p.add_argument("--seq-methods", default="nowag,armor", help="methods compared one-pass vs sequential")
@@ -348,7 +343,9 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="armor-quality-") as tmp:
             if args.smoke and args.model is None:
                 args.model, ct, et = make_smoke_inputs(Path(tmp))
-                args.calib_text, args.eval_text = args.calib_text or str(ct), args.eval_text or str(et)
+                args.calib_text, args.eval_text = args.calib_text or str(ct), args.eval_text or [str(et)]
+                if args.eval_corpus is None:  # the smoke text and one registered corpus (stdlib: always there)
+                    args.eval_corpus = ["tech"]
             bench = Bench(args)
             res = run_parts(bench, args, Path(args.out).parent, sys.argv[1:] if argv is None else argv)
     finally:
@@ -374,14 +371,16 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
            "command": " ".join(["python -m benchmarks.quality", *argv]), "smoke": args.smoke, "parts": args.parts,
            "model": {"folder": str(bench.loaded.folder), "targets": len(bench.names)},
            "calibration": {**bench.calib.describe(), "mode": "dense one-pass, shared by all one-pass runs"},
-           "evaluation": {**bench.ev.describe(), "metric": "token perplexity, exp(mean of window means), fp32, bs 1"},
+           "evaluation": {**bench.ev.describe(), "metric": "token perplexity, exp(mean of window means), fp32, bs 1",
+                          "texts": {k: w.describe() for k, w in bench.evs.items()}},
            "armor_defaults": {"preset_cpu": dict(PRESETS["cpu"]), "block_size": bench.b, "iterations": bench.iters,
                               "lr": bench.lr, "sparse_rounds": bench.rounds},
            "dense": None, "runs": [], "gap_closed": None, "sweeps": {}, "modelopt": None}
     if "dense" in args.parts:
-        dense_ppl, dense_s = bench.ppl(bench.loaded.model)
-        res["dense"] = {"perplexity": dense_ppl, "eval_seconds": dense_s}
-        bench.log(f"dense ppl {dense_ppl:.3f} ({dense_s} s)")
+        dense_ppls, dense_s = bench.ppl(bench.loaded.model)
+        res["dense"] = {"perplexity": next(iter(dense_ppls.values())), "perplexities": dense_ppls,
+                        "eval_seconds": dense_s}
+        bench.log(f"dense ppl {ppls_str(dense_ppls)} ({dense_s} s)")
     res["dense"] = res["dense"] or bench.previous_dense
     dense_ppl = res["dense"] and res["dense"]["perplexity"]
 
@@ -395,7 +394,10 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
 
     sweep_it = args.sweep_iterations  # None: the default iterations
     if "main" in args.parts:
-        main_runs = [r for r in (add("main", bench.run(m)) for m in args.main_methods.split(",")) if r]
+        given = {"block_size": args.block_size, "iterations": args.iterations, "lr": args.lr,
+                 "rounds": args.sparse_rounds}  # explicit flags win over a preset's numbers, as in the CLI
+        main_runs = [r for r in (add("main", bench.run(m, **{k: v for k, v in kw.items() if given.get(k) is None}))
+                                 for m, kw in map(method_spec, args.main_methods.split(","))) if r]
         base, arm = [r for r in main_runs if r["method"] != "armor"], [r for r in main_runs if r["method"] == "armor"]
         if base and arm and dense_ppl:
             res["gap_closed"] = gap_closed(dense_ppl, base, arm[0])
@@ -423,6 +425,8 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
         for r in res["runs"]:
             if r["method"] == "armor":
                 r["gap_closed"] = gap_closed(dense_ppl, base, r)["value"]
+                r["gap_closed_per_text"] = {t: gap_closed(d, base, r, t)["value"]
+                                            for t, d in res["dense"].get("perplexities", {}).items()}
     if "modelopt" not in args.parts and bench.previous_modelopt:  # carried over from --reuse
         res["modelopt"] = bench.previous_modelopt
         res["runs"] += [r for r in bench.previous_runs if r["group"] == "modelopt_repro"]

@@ -39,8 +39,18 @@ def test_schema(smoke):
     assert on_disk["modelopt"] is None
     assert set(on_disk["sweeps"]) == {"block_size", "iterations", "lr", "sparse_rounds", "calibration_mode"}
     assert on_disk["calibration"]["windows"] == 8 and on_disk["evaluation"]["windows"] == 4
-    main_methods = [r["method"] for r in on_disk["runs"] if r["group"] == "main"]
-    assert main_methods == ["magnitude", "wanda", "sparsegpt", "nowag", "armor"]
+    main_methods = [(r["method"], r["preset"]) for r in on_disk["runs"] if r["group"] == "main"]
+    assert main_methods == [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("nowag", None),
+                            ("armor", None), ("armor", "quality")]
+    quality = [r for r in on_disk["runs"] if r["preset"] == "quality"][0]
+    assert quality["objective"] == "block-hessian" and quality["refit"] == "output"
+    assert quality["label"] == "ARMOR --preset quality"
+    # every run on every evaluation text: the smoke text and a registered out-of-domain corpus
+    assert list(on_disk["evaluation"]["texts"]) == ["eval", "tech"]
+    assert all(t["windows"] == 4 for t in on_disk["evaluation"]["texts"].values())
+    for r in [on_disk["dense"], *on_disk["runs"]]:
+        assert list(r["perplexities"]) == ["eval", "tech"] and r["perplexity"] == r["perplexities"]["eval"]
+    assert set(quality["gap_closed_per_text"]) == {"eval", "tech"}
     assert {r["calibration"] for r in on_disk["sweeps"]["calibration_mode"]} == {"dense", "sequential"}
     assert [r["block_size"] for r in on_disk["sweeps"]["block_size"]] == [8, 16]
     assert [r["iterations"] for r in on_disk["sweeps"]["iterations"]] == [0, 6]
@@ -73,7 +83,7 @@ def test_numbers_finite(smoke):
 
 def test_armor_loss_not_above_nowag(smoke):
     _, res = smoke
-    by = {(r["method"], r["calibration"], r["group"]): r for r in res["runs"]}
+    by = {(r["method"], r["calibration"], r["group"]): r for r in res["runs"] if r["preset"] is None}
     armor, nowag = by[("armor", "dense", "main")], by[("nowag", "dense", "main")]
     assert armor["mean_loss"] <= nowag["mean_loss"] + 1e-9
     assert armor["mean_loss_start"] == pytest.approx(nowag["mean_loss"], rel=1e-4)
