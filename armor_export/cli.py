@@ -64,6 +64,9 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                         "Default none (the specified solver)")
     g.add_argument("--refit-rounds", type=int, default=None,
                    help="--refit output: rounds of (values, A, B) refits (default 6)")
+    g.add_argument("--refit-shrink", type=float, default=None,
+                   help="--refit output: lambda in [0, 1] of the refit's Hessian (1 - lambda) H + lambda "
+                        "blockdiag_b(H) (shrinks the cross-block input correlations fitted to the calibration text)")
     g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
@@ -131,7 +134,7 @@ def solver_config(a):
                       ("selection", "selection"), ("patience", "patience"),
                       ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule"),
                       ("objective", "objective"), ("hessian_damp", "hessian_damp"), ("refit", "refit"),
-                      ("refit_rounds", "refit_rounds")):
+                      ("refit_rounds", "refit_rounds"), ("refit_shrink", "refit_shrink")):
         if getattr(a, flag) is not None:
             d[key] = getattr(a, flag)
     return SolverConfig(**d)

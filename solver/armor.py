@@ -27,12 +27,12 @@ from torch.optim.adam import adam
 from solver import bcd_objective as obj
 from solver import block_hessian as bh
 from solver.baselines import nowag_score
-from solver.blockdiag import check_block_size, identity_blocks
+from solver.blockdiag import check_block_size, identity_blocks, product
 from solver.config import SolverConfig
 from solver.core_step import sparse_core_rounds
 from solver.factors import Factorization, LayerResult, SolveReport
 from solver.normalizer import fold, normalize
-from solver.refit import output_loss, refit
+from solver.refit import output_loss, refit, shrunk
 from solver.sparsity import check_24_shape, mask_24, positive_zeros
 from solver.stats import repair_h
 
@@ -300,7 +300,8 @@ def output_refit(name: str, W: torch.Tensor, H: torch.Tensor, start: dict, res: 
     has checked that every layer has its full H before any solve starts."""
     t0 = time.perf_counter()
     dev = torch.device(cfg.device)
-    W, H = W.float().to(dev), H.float().to(dev)
+    W, H_full = W.float().to(dev), H.float().to(dev)
+    H = shrunk(H_full, cfg.refit_shrink, cfg.block_size)  # the refit's objective (H itself at shrink 0)
     f = res.factors
     W0 = torch.where(start["M"].to(dev), W, torch.zeros((), device=dev))  # the NoWag-P start, A = B = I
     loss_start = output_loss(W, W0, H)
@@ -320,6 +321,8 @@ def output_refit(name: str, W: torch.Tensor, H: torch.Tensor, start: dict, res: 
     r = res.report
     notes = {**r.notes, "bcd_loss_start": r.loss_start, "bcd_loss_final": r.loss_final, "output_loss_bcd": loss_bcd,
              "refit": cfg.refit, "refit_from": origin, "refit_accepted": info["accepted"],
+             "refit_shrink": cfg.refit_shrink, "output_loss_full_h": (
+                 loss_final if cfg.refit_shrink == 0 else output_loss(W, product(A, S, B), H_full)),
              "refit_seconds": round(seconds, 4)}
     report = SolveReport(loss_start, loss_final, r.iterations, r.seconds + seconds, r.early_stopped, r.status, notes)
     return LayerResult(fact, report)

@@ -45,6 +45,10 @@ class SolverConfig:
     # input Hessian with the mask fixed (solver/refit.py; needs full statistics); "none" is the specified solver.
     refit: str = "none"
     refit_rounds: int = 6  # rounds of (values, output wrapper, input wrapper)
+    # the refit's Hessian H_lam = (1 - lam) H + lam blockdiag_b(H) (solver/refit.py shrunk): lam > 0 shrinks the
+    # cross-block correlations of H, the part a few calibration windows of one domain estimate worst; the refit's
+    # losses (and the guarantee) are then in H_lam
+    refit_shrink: float = 0.0
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:
@@ -73,6 +77,8 @@ class SolverConfig:
             raise ValueError(f"hessian_damp must be > 0, got {self.hessian_damp}")
         if self.refit not in REFITS:
             raise ValueError(f"refit must be one of {REFITS}, got {self.refit!r}")
+        if not 0.0 <= self.refit_shrink <= 1.0:
+            raise ValueError(f"refit_shrink must be in [0, 1], got {self.refit_shrink}")
         if self.refit_rounds <= 0:
             raise ValueError(f"refit_rounds must be > 0, got {self.refit_rounds}")
         if self.max_batch <= 0:
