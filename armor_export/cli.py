@@ -73,9 +73,18 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
+    from armor_export.corpus import CORPORA
+
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-text", default=None, help=".txt file or folder (default: Shakespeare held-out split)")
-    g.add_argument("--eval-windows", type=int, default=32, help="windows (default 32)")
+    g.add_argument("--eval-text", action="append", default=[], metavar="PATH",
+                   help=".txt file or folder to evaluate on (repeatable; default: the registered corpora)")
+    g.add_argument("--eval-corpus", action="append", default=None, metavar="NAMES",
+                   help=f"registered corpora, comma-separated, 'all' or 'none' (repeatable): "
+                        f"{', '.join(f'{c.name} ({c.domain})' for c in CORPORA.values())}. "
+                        f"Default: all of them, unless --eval-text is given")
+    g.add_argument("--eval-windows", type=int, default=None,
+                   help="windows per text (default: 32 for a text; per corpus: "
+                        f"{', '.join(f'{c.name} {c.run_windows}' for c in CORPORA.values())})")
     g.add_argument("--eval-seqlen", type=int, default=512, help="tokens per window (default 512)")
 
 
@@ -147,10 +156,18 @@ def calib_config(a):
                        mode=a.calib_mode)
 
 
-def eval_config(a):
-    from armor_export.config import EvalConfig
+def eval_configs(a) -> list:
+    """One EvalConfig per --eval-text and per --eval-corpus name, texts first."""
+    from armor_export.corpus import parse_corpus_list
+    from armor_export.eval_suite import eval_configs as build
 
-    return EvalConfig(text=a.eval_text, windows=a.eval_windows, seqlen=a.eval_seqlen)
+    corpora = None if a.eval_corpus is None else tuple(n for spec in a.eval_corpus for n in parse_corpus_list(spec))
+    return build(a.eval_text, corpora, windows=a.eval_windows, seqlen=a.eval_seqlen)
+
+
+def eval_config(a):
+    """The first evaluation text: the engines' parity check reads its windows."""
+    return eval_configs(a)[0]
 
 
 def cmd_prune(a) -> int:
@@ -171,14 +188,17 @@ def cmd_prune(a) -> int:
 
 def cmd_eval(a) -> int:
     from armor_export import pipeline
+    from armor_export.eval_suite import evaluate_all
 
+    cfgs = eval_configs(a)
     if a.artifact is not None:
         model, tok, _ = pipeline.load_artifact_model(a.artifact)
         what = str(a.artifact)
     else:
         loaded = pipeline.load(a.model)
         model, tok, what = loaded.model, loaded.tokenizer, str(loaded.folder)
-    res = {"model": what, **pipeline.evaluate(model, tok, eval_config(a))}
+    evals = evaluate_all(model, tok, cfgs)
+    res = {"model": what, "perplexity": {k: v["perplexity"] for k, v in evals.items()}, "evals": evals}
     print(json.dumps(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
@@ -212,7 +232,10 @@ def cmd_report(a) -> int:
 def cmd_run(a) -> int:
     from armor_export import pipeline, report
 
+    from armor_export.eval_suite import prepare, score
+
     engine = getattr(a, "sub_engine", None) or a.engine
+    ecfgs = eval_configs(a)
     out: Path = a.out
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
@@ -220,20 +243,20 @@ def cmd_run(a) -> int:
     t0 = time.perf_counter()
     summary: dict = {"engine": engine}
     loaded = pipeline.load(a.model)
-    ecfg = eval_config(a)
-    summary["dense"] = pipeline.evaluate(loaded.model, loaded.tokenizer, ecfg, desc="perplexity (dense)")
+    texts = prepare(loaded.tokenizer, ecfgs)  # the pruned model keeps the tokenizer: tokenise once
+    summary["dense"] = score(loaded.model, texts, desc="perplexity (dense)")
     art = pipeline.prune(a.model, solver_config(a), calib_config(a), out / "artifact", ignore=tuple(a.ignore),
                          overwrite=True, loaded=loaded)
     del loaded
-    model, tok, _ = pipeline.load_artifact_model(art)
-    summary["pruned"] = pipeline.evaluate(model, tok, ecfg, desc="perplexity (pruned)")
+    model, _, _ = pipeline.load_artifact_model(art)
+    summary["pruned"] = score(model, texts, desc="perplexity (pruned)")
     del model
     if engine is not None:
         from engines import get_lowering
 
         low = get_lowering(engine)
         engine_dir = low.lower(art, out / engine, overwrite=True)
-        summary["verify"] = low.verify(art, engine_dir, report_dir=out / engine, eval_cfg=ecfg)
+        summary["verify"] = low.verify(art, engine_dir, report_dir=out / engine, eval_cfg=ecfgs[0])
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_run_summary(out, art, summary)
     report.print_run_summary(art, summary)

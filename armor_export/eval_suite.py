@@ -34,12 +34,24 @@ def labels(cfgs: list[EvalConfig]) -> list[str]:
     return out
 
 
-def evaluate_all(model, tok, cfgs: list[EvalConfig], *, progress: bool = True, desc: str = "perplexity") -> dict:
-    """{label: pipeline.evaluate result} for each config, in order."""
+def prepare(tok, cfgs: list[EvalConfig]) -> dict:
+    """{label: (EvalConfig, TokenWindows)}: tokenise every text once, to score several models on it."""
     from armor_export import pipeline
 
-    return {lab: pipeline.evaluate(model, tok, c, progress=progress, desc=f"{desc} {lab}")
-            for lab, c in zip(labels(cfgs), cfgs)}
+    return {lab: (c, pipeline.eval_windows(tok, c)) for lab, c in zip(labels(cfgs), cfgs)}
+
+
+def score(model, prepared: dict, *, progress: bool = True, desc: str = "perplexity") -> dict:
+    """{label: result} for windows from ``prepare``; a result is what ``pipeline.evaluate`` returns."""
+    from armor_export.pipeline import window_result
+
+    return {lab: window_result(model, c, w, progress=progress, desc=f"{desc} {lab}")
+            for lab, (c, w) in prepared.items()}
+
+
+def evaluate_all(model, tok, cfgs: list[EvalConfig], *, progress: bool = True, desc: str = "perplexity") -> dict:
+    """{label: pipeline.evaluate result} for each config, in order."""
+    return score(model, prepare(tok, cfgs), progress=progress, desc=desc)
 
 
 def evaluate_corpora(model, tokenizer, corpora=None, *, windows: int = 32, seqlen: int = 512,

@@ -306,7 +306,11 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
 
 
 def evaluate(model: nn.Module, tok, cfg: EvalConfig, progress: bool = True, desc: str = "perplexity") -> dict:
-    tokens = eval_windows(tok, cfg)
+    return window_result(model, cfg, eval_windows(tok, cfg), progress=progress, desc=desc)
+
+
+def window_result(model: nn.Module, cfg: EvalConfig, tokens: TokenWindows, progress: bool = True,
+                  desc: str = "perplexity") -> dict:
     t0 = time.perf_counter()
     ppl = perplexity(model, tokens.token_ids, batch_size=cfg.batch_size, progress=progress, desc=desc)
     return {"perplexity": ppl, "windows": cfg.windows, "seqlen": cfg.seqlen, "seconds": round(time.perf_counter() - t0, 2),

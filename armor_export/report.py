@@ -65,6 +65,11 @@ def print_artifact(path: Path, console: Console | None = None) -> None:
     console.print(t)
 
 
+def _per_text(summary: dict) -> list[tuple[str, dict, dict]]:
+    """(text name, dense result, pruned result) per evaluated text, in evaluation order."""
+    return [(name, d, summary["pruned"][name]) for name, d in summary["dense"].items()]
+
+
 def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
     man = read_manifest(artifact)
     full = {**summary, "artifact": str(artifact), "artifact_summary": artifact_summary(man)}
@@ -72,10 +77,10 @@ def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
     s = full["artifact_summary"]
     lines = [
         f"# armor-export run ({_label(s)})", "",
-        "| model | perplexity | windows x seqlen |", "|---|---|---|",
-        f"| dense | {summary['dense']['perplexity']:.3f} | {summary['dense']['windows']} x {summary['dense']['seqlen']} |",
-        f"| {_label(s)} | {summary['pruned']['perplexity']:.3f} | {summary['pruned']['windows']} x "
-        f"{summary['pruned']['seqlen']} |", "",
+        f"| text | dense perplexity | {_label(s)} perplexity | windows x seqlen | text |", "|---|---|---|---|---|",
+        *(f"| {name} | {d['perplexity']:.3f} | {p['perplexity']:.3f} | {d['windows']} x {d['seqlen']} | "
+          f"{', '.join(d['files'][:3])}{' ...' if len(d['files']) > 3 else ''} |" for name, d, p in _per_text(summary)),
+        "",
         f"- layers: {s['layers']}, fallbacks: {len(s['fallback_layers'])}, A/B overhead "
         f"{100 * s['param_overhead']:.1f}%",
         f"- {_loss_name(s)}: NoWag-P start {_fmt(s['mean_loss_start'])} -> final {_fmt(s['mean_loss_final'])}",
@@ -90,13 +95,14 @@ def write_run_summary(out: Path, artifact: Path, summary: dict) -> None:
 def print_run_summary(artifact: Path, summary: dict, console: Console | None = None) -> None:
     console = console or Console()
     s = artifact_summary(read_manifest(artifact))
-    t = Table(title="armor-export summary")
-    for col in ("model", "perplexity", _loss_name(s), "A/B overhead"):
+    t = Table(title="armor-export summary: perplexity")
+    for col in ("text", "dense", _label(s), "windows x seqlen"):
         t.add_column(col)
-    t.add_row("dense", f"{summary['dense']['perplexity']:.3f}", "0", "-")
-    t.add_row(_label(s), f"{summary['pruned']['perplexity']:.3f}", _fmt(s["mean_loss_final"]),
-              f"{100 * s['param_overhead']:.1f}%")
+    for name, d, p in _per_text(summary):
+        t.add_row(name, f"{d['perplexity']:.3f}", f"{p['perplexity']:.3f}", f"{d['windows']} x {d['seqlen']}")
     console.print(t)
+    console.print(f"{_loss_name(s)}: NoWag-P start {_fmt(s['mean_loss_start'])} -> final "
+                  f"{_fmt(s['mean_loss_final'])}   A/B overhead {100 * s['param_overhead']:.1f}%")
     if "verify" in summary:
         v = summary["verify"]
         console.print(f"engine {summary['engine']}: parity {'PASS' if v.get('passed') else 'FAIL'} -> {v.get('report_path')}")

@@ -118,7 +118,8 @@ def test_cli_prune_eval_report(tiny_model_dir, tiny_text_dir, tmp_path, capsys):
                "--eval-seqlen", "32", "--json", str(tmp_path / "ppl.json")])
     assert rc == 0
     res = json.loads((tmp_path / "ppl.json").read_text())
-    assert res["windows"] == 2 and math.isfinite(res["perplexity"]) and res["perplexity"] > 1
+    assert list(res["perplexity"]) == ["eval"] and res["evals"]["eval"]["windows"] == 2
+    assert math.isfinite(res["perplexity"]["eval"]) and res["perplexity"]["eval"] > 1
     assert main(["report", "--artifact", str(out)]) == 0
     # an existing output is refused without --overwrite, with exit code 2 and a clear message
     rc = main(["prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--out", str(out)])
