@@ -66,7 +66,9 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                    help="--refit output: rounds of (values, A, B) refits (default 6)")
     g.add_argument("--refit-shrink", type=float, default=None,
                    help="--refit output: lambda in [0, 1] of the refit's Hessian (1 - lambda) H + lambda "
-                        "blockdiag_b(H) (shrinks the cross-block input correlations fitted to the calibration text)")
+                        "T (shrinks the input correlations fitted to the calibration text)")
+    g.add_argument("--refit-shrink-to", choices=("diag", "block"), default=None,
+                   help="--refit-shrink's target T: diag H (default) or H's b x b diagonal blocks")
     g.add_argument("--device", default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
@@ -143,7 +145,8 @@ def solver_config(a):
                       ("selection", "selection"), ("patience", "patience"),
                       ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule"),
                       ("objective", "objective"), ("hessian_damp", "hessian_damp"), ("refit", "refit"),
-                      ("refit_rounds", "refit_rounds"), ("refit_shrink", "refit_shrink")):
+                      ("refit_rounds", "refit_rounds"), ("refit_shrink", "refit_shrink"),
+                      ("refit_shrink_to", "refit_shrink_to")):
         if getattr(a, flag) is not None:
             d[key] = getattr(a, flag)
     return SolverConfig(**d)

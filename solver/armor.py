@@ -301,7 +301,7 @@ def output_refit(name: str, W: torch.Tensor, H: torch.Tensor, start: dict, res: 
     t0 = time.perf_counter()
     dev = torch.device(cfg.device)
     W, H_full = W.float().to(dev), H.float().to(dev)
-    H = shrunk(H_full, cfg.refit_shrink, cfg.block_size)  # the refit's objective (H itself at shrink 0)
+    H = shrunk(H_full, cfg.refit_shrink, cfg.block_size if cfg.refit_shrink_to == "block" else 1)  # H at shrink 0
     f = res.factors
     W0 = torch.where(start["M"].to(dev), W, torch.zeros((), device=dev))  # the NoWag-P start, A = B = I
     loss_start = output_loss(W, W0, H)

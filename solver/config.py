@@ -14,6 +14,7 @@ CONTINUOUS = ("adam", "none")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("diag", "block-hessian", "block-output")
 REFITS = ("none", "output")
+SHRINK_TARGETS = ("diag", "block")
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,11 @@ class SolverConfig:
     # input Hessian with the mask fixed (solver/refit.py; needs full statistics); "none" is the specified solver.
     refit: str = "none"
     refit_rounds: int = 6  # rounds of (values, output wrapper, input wrapper)
-    # the refit's Hessian H_lam = (1 - lam) H + lam blockdiag_b(H) (solver/refit.py shrunk): lam > 0 shrinks the
-    # cross-block correlations of H, the part a few calibration windows of one domain estimate worst; the refit's
-    # losses (and the guarantee) are then in H_lam
+    # the refit's Hessian H_lam = (1 - lam) H + lam T, T = diag H or blockdiag_b(H) (solver/refit.py shrunk):
+    # lam > 0 shrinks the input correlations that the calibration windows of one domain carry into the weights;
+    # the refit's losses (and the guarantee) are then in H_lam
     refit_shrink: float = 0.0
+    refit_shrink_to: str = "diag"  # the shrinkage target: "diag" (diag H) or "block" (H's b x b diagonal blocks)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 4:
@@ -79,6 +81,8 @@ class SolverConfig:
             raise ValueError(f"refit must be one of {REFITS}, got {self.refit!r}")
         if not 0.0 <= self.refit_shrink <= 1.0:
             raise ValueError(f"refit_shrink must be in [0, 1], got {self.refit_shrink}")
+        if self.refit_shrink_to not in SHRINK_TARGETS:
+            raise ValueError(f"refit_shrink_to must be one of {SHRINK_TARGETS}, got {self.refit_shrink_to!r}")
         if self.refit_rounds <= 0:
             raise ValueError(f"refit_rounds must be > 0, got {self.refit_rounds}")
         if self.max_batch <= 0:

@@ -1,4 +1,4 @@
-"""The refit's Hessian shrinkage H_lam = (1 - lam) H + lam blockdiag_b(H) (solver/refit.py shrunk, --refit-shrink):
+"""The refit's Hessian shrinkage H_lam = (1 - lam) H + lam T, T = diag H or blockdiag_b(H) (--refit-shrink[-to]):
 lam = 0 is today's refit, lam = 1 the block objectives' Hessian, the guarantee holds in H_lam."""
 import pytest
 import torch
@@ -39,17 +39,20 @@ def test_shrink_rejects_bad_arguments(lam, b, message):
     if b == 16:
         with pytest.raises(ValueError, match="refit_shrink"):
             SolverConfig(refit_shrink=lam)
+    with pytest.raises(ValueError, match="refit_shrink_to"):
+        SolverConfig(refit_shrink_to="eye")
 
 
-def test_armor_refit_at_shrink_zero_is_todays_refit_and_shrink_keeps_the_guarantee():
+@pytest.mark.parametrize("target, b", [("diag", 1), ("block", 16)])
+def test_armor_refit_at_shrink_zero_is_todays_refit_and_shrink_keeps_the_guarantee(target, b):
     p = _problem()
     base = dict(block_size=16, iterations=10, lr=3e-3, sparse_rounds=2, objective="block-hessian", refit="output")
     today = solve_layers([p], SolverConfig(**base))[0]
     zero = solve_layers([p], SolverConfig(**base, refit_shrink=0.0))[0]
     assert torch.equal(today.factors.S, zero.factors.S) and torch.equal(today.factors.A_blocks, zero.factors.A_blocks)
     assert zero.report.notes["output_loss_full_h"] == zero.report.loss_final
-    r = solve_layers([p], SolverConfig(**base, refit_shrink=0.5))[0]
-    Hs = shrunk(p.stats.H, 0.5, 16)
+    r = solve_layers([p], SolverConfig(**base, refit_shrink=0.5, refit_shrink_to=target))[0]
+    Hs = shrunk(p.stats.H, 0.5, b)
     assert r.report.loss_final == pytest.approx(output_loss(p.W, r.factors.to_dense(), Hs), rel=1e-6)
     assert r.report.loss_final <= r.report.loss_start  # the guarantee, in the refit's own objective
     assert r.report.notes["refit_shrink"] == 0.5
