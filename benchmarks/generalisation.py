@@ -140,12 +140,12 @@ def cmd_layers(a) -> None:
         print(f"| {r['variant']} | {r['fit']:.5f} | {r['ho']:.5f} | {r['ood']:.5f} | {r['seconds']} |")
 
 
-def parse_evals(spec: str) -> dict:
+def parse_evals(spec: str, windows: int | None = None) -> dict:
     """'shakespeare,tech,prose' -> {name: EvalConfig} of the registered corpora (armor_export/corpus.py), each with
     the run's window count (32 x 512 Shakespeare, 16 x 512 for the others: what the CLI's summary scores)."""
     from armor_export.config import EvalConfig
     from armor_export.corpus import get_corpus
-    return {c: EvalConfig(corpus=c, windows=get_corpus(c).run_windows) for c in filter(None, spec.split(","))}
+    return {c: EvalConfig(corpus=c, windows=windows or get_corpus(c).run_windows) for c in filter(None, spec.split(","))}
 
 
 def score(loaded, layers: dict | None, evals: dict) -> dict:
@@ -190,7 +190,7 @@ def cmd_ppl(a) -> None:
     fam = loaded.family
     names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
     cache = Path(a.cache)
-    evals = {k: pipeline.eval_windows(loaded.tokenizer, c) for k, c in parse_evals(a.evals).items()}
+    evals = {k: pipeline.eval_windows(loaded.tokenizer, c) for k, c in parse_evals(a.evals, a.eval_windows).items()}
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {"runs": []}
     res["evaluation_sha256"] = {k: tw.sha256 for k, tw in evals.items()}
@@ -236,6 +236,7 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--variants", default="shrink=0", help="refit variants, 'key=value,...;...' (see above)")
     p.add_argument("--evals", default="shakespeare,tech,prose", help="ppl: registered corpora to score on")
+    p.add_argument("--eval-windows", type=int, default=None, help="ppl: windows per corpus (default: the run's)")
     p.add_argument("--start", default="nowag", help="ppl: 'nowag' or 'armor:ITERATIONS' (block-hessian BCD)")
     p.add_argument("--no-refit", action="store_true", help="ppl: also score the start factors")
     p.add_argument("--dense", action="store_true", help="ppl: also score the dense model")
