@@ -82,7 +82,7 @@ def parse_variants(spec: str) -> list[dict]:
 
 
 def load_set(cache: Path, key: str, names: list[str]) -> dict:
-    st = torch.load(cache / f"{key}.pt")
+    st = torch.load(cache / f"{key}.pt", weights_only=True)
     return {n: st[n] for n in names}
 
 
@@ -172,7 +172,7 @@ def start_factors(loaded, names, st, start: str, cache: Path, b: int) -> dict:
     iters = int(start.split(":")[1])
     path = cache / f"armor_bh_{iters}.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     stats = {n: LayerStats(st[n]["h"], st[n]["n"], st[n]["H"]) for n in names}
     cfg = SolverConfig(**{**PRESETS["cpu"], "objective": "block-hessian", "iterations": iters, "block_size": b})
     t0 = time.perf_counter()
