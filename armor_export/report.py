@@ -21,10 +21,14 @@ def artifact_summary(man: dict) -> dict:
     cfg = (man.get("solver_config") or {}) if man["method"] == "armor" else {}
     objective = cfg.get("objective", "diag") if man["method"] == "armor" else None
     refit = cfg.get("refit", "none") if man["method"] == "armor" else None
+    shrink = cfg.get("refit_shrink", 0.0) if refit not in (None, "none") else None
+    shrink_to = cfg.get("refit_shrink_to", "diag") if shrink else None
     return {
         "method": man["method"],
         "objective": objective,  # ARMOR's proxy: the losses below are in this objective, unless refit is "output"
         "refit": refit,  # "output": the losses below are the layers' output losses under the full input Hessian
+        "refit_shrink": shrink,  # lambda of the refit's H_lambda = (1 - lambda) H + lambda T: the losses' H
+        "refit_shrink_to": shrink_to,  # T: "diag" (diag H) or "block" (H's b x b diagonal blocks)
         "layers": len(layers),
         "fallback_layers": sorted(k for k, v in layers.items() if v.get("status") != "ok"),
         "mean_loss_start": mean(starts) if starts else None,
@@ -38,7 +42,9 @@ def artifact_summary(man: dict) -> dict:
 def _label(s: dict) -> str:
     """The method, with ARMOR's objective when it is not the paper's and its refit when there is one."""
     extra = [s["objective"]] if s.get("objective") not in (None, "diag") else []
-    extra += ["output refit"] if s.get("refit") not in (None, "none") else []
+    if s.get("refit") not in (None, "none"):
+        extra += [f"output refit, shrink {s['refit_shrink']:g} to {s['refit_shrink_to']}" if s.get("refit_shrink")
+                  else "output refit"]
     return s["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from solver.baselines import nowag_start_mask
-from solver.blockdiag import identity_blocks
+from solver.blockdiag import identity_blocks, product
 from solver.config import SolverConfig
 from solver.factors import Factorization, LayerResult, SolveReport
-from solver.refit import output_loss, refit
+from solver.refit import output_loss, refit, shrunk
 from solver.sparsity import positive_zeros
 
 KINDS = ("none", "output")
@@ -27,12 +27,15 @@ class RefitConfig:
     kind: str = "none"  # "none" | "output"
     rounds: int = 6  # rounds of (values, output wrapper, input wrapper)
     damp: float = 0.01  # added to H's diagonal, relative to mean(diag H)
+    shrink: float = 0.0  # lambda of the refit's Hessian (1 - lambda) H + lambda T (solver/refit.py shrunk)
+    shrink_block: int = 1  # T's diagonal block width: 1 = diag H, b = H's b x b diagonal blocks
     device: str = "cpu"
 
     @classmethod
     def of(cls, cfg: SolverConfig) -> "RefitConfig":
         """The refit settings of a solver configuration (its refit_* fields, hessian_damp and device)."""
-        return cls(kind=cfg.refit, rounds=cfg.refit_rounds, damp=cfg.hessian_damp, device=cfg.device)
+        return cls(kind=cfg.refit, rounds=cfg.refit_rounds, damp=cfg.hessian_damp, shrink=cfg.refit_shrink,
+                   shrink_block=cfg.block_size if cfg.refit_shrink_to == "block" else 1, device=cfg.device)
 
     def needs(self) -> str:
         return "full" if self.kind != "none" else "none"
@@ -51,7 +54,8 @@ def output_refit(name: str, W: torch.Tensor, H: torch.Tensor, M0: torch.Tensor, 
     mask fixed; the report's losses become output losses and the previous ones go to notes."""
     t0 = time.perf_counter()
     dev = torch.device(rc.device)
-    W, H = W.float().to(dev), H.float().to(dev)
+    W, H_full = W.float().to(dev), H.float().to(dev)
+    H = shrunk(H_full, rc.shrink, rc.shrink_block)  # = H_full at shrink 0
     f = res.factors
     W0 = torch.where(M0.to(dev), W, torch.zeros((), device=dev))  # the NoWag-P start, A = B = I
     loss_start = output_loss(W, W0, H)
@@ -70,6 +74,8 @@ def output_refit(name: str, W: torch.Tensor, H: torch.Tensor, M0: torch.Tensor, 
     r = res.report
     notes = {**r.notes, "bcd_loss_start": r.loss_start, "bcd_loss_final": r.loss_final, "output_loss_bcd": loss_bcd,
              "refit": rc.kind, "refit_from": origin, "refit_accepted": info["accepted"],
+             "refit_shrink": rc.shrink, "output_loss_full_h": (
+                 loss_final if rc.shrink == 0 else output_loss(W, product(A, S, B), H_full)),
              "refit_seconds": round(seconds, 4)}
     report = SolveReport(loss_start, loss_final, r.iterations, r.seconds + seconds, r.early_stopped, r.status, notes)
     return LayerResult(fact, report)

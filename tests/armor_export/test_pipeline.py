@@ -135,7 +135,7 @@ def test_eval_config_rejects_nonsense():
 
 def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_path):
     from armor_export.cli import main
-    from solver.config import PRESETS
+    from solver.config import DEFAULT_PRESET, PRESETS
 
     out = tmp_path / "flags"
     rc = main(["prune", "--model", str(tiny_model_dir), "--method", "armor", "--block-size", "8", "--iterations", "3",
@@ -150,8 +150,8 @@ def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_
                "--calib-text", str(tiny_text_dir / "calib"), "--calib-samples", "2", "--calib-seqlen", "16",
                "--out", str(out2)])
     cfg = load_artifact(out2).manifest["solver_config"]
-    for key in set(PRESETS["cpu"]) - {"block_size", "iterations"}:  # the rest of the default preset applies
-        assert cfg[key] == PRESETS["cpu"][key], key
+    for key in set(PRESETS[DEFAULT_PRESET]) - {"block_size", "iterations"}:  # the rest of the default preset applies
+        assert cfg[key] == PRESETS[DEFAULT_PRESET][key], key
 
 
 @pytest.fixture
@@ -174,7 +174,8 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
 
     seen = calib_calls
     out = tmp_path / "blk"
-    argv = ["prune", "--model", str(tiny_model_dir), "--block-size", "8", "--iterations", "4", "--objective",
+    argv = ["prune", "--model", str(tiny_model_dir), "--preset", "cpu", "--block-size", "8", "--iterations", "4",
+            "--objective",
             "block-hessian", "--hessian-damp", "0.02", "--calib-text", str(tiny_text_dir / "calib"),
             "--calib-samples", "2", "--calib-seqlen", "16", "--out", str(out)]
     assert main(argv) == 0
@@ -220,7 +221,7 @@ def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model
         assert n["refit"] == "output" and n["bcd_loss_final"] <= n["bcd_loss_start"], name
     from armor_export.report import _label, artifact_summary
 
-    assert _label(artifact_summary(man)) == "armor (block-hessian, output refit)"
+    assert _label(artifact_summary(man)) == "armor (block-hessian, output refit, shrink 0.25 to diag)"
     assert main(["report", "--artifact", str(out)]) == 0
 
 
@@ -230,8 +231,11 @@ def test_cli_refit_flag_overrides_the_preset():
     parse = lambda *a: solver_config(build_parser().parse_args(["prune", "--out", "x", *a]))  # noqa: E731
     assert (parse("--preset", "quality", "--refit", "none").refit, parse("--preset", "quality").refit) == (
         "none", "output")
-    assert (parse().refit, parse("--refit", "output").refit, parse("--objective", "block-hessian").refit) == (
-        "none", "output", "none")
+    assert (parse().refit, parse("--refit", "none").refit, parse("--preset", "cpu").refit) == ("output", "none", "none")
+    d = parse()  # the default preset: block-hessian BCD, then the refit shrunk toward diag H
+    assert (d.objective, d.refit_shrink, d.refit_shrink_to, d.iterations) == ("block-hessian", 0.25, "diag", 150)
+    assert parse("--refit-shrink", "0", "--refit-shrink-to", "block").refit_shrink_to == "block"
+    assert parse("--refit-shrink", "0").refit_shrink == 0.0
 
 
 def test_sequential_calibration_feeds_the_block_objective(tiny_model_dir, tiny_text_dir, tmp_path):
