@@ -3,9 +3,8 @@ lam = 0 is today's refit, lam = 1 the block objectives' Hessian, the guarantee h
 import pytest
 import torch
 
-from solver.armor import solve_layers
 from solver.config import SolverConfig
-from solver.methods import Problem
+from solver.methods import Problem, solve
 from solver.refit import output_loss, shrunk
 from solver.stats import LayerStats
 
@@ -47,11 +46,11 @@ def test_shrink_rejects_bad_arguments(lam, b, message):
 def test_armor_refit_at_shrink_zero_is_todays_refit_and_shrink_keeps_the_guarantee(target, b):
     p = _problem()
     base = dict(block_size=16, iterations=10, lr=3e-3, sparse_rounds=2, objective="block-hessian", refit="output")
-    today = solve_layers([p], SolverConfig(**base))[0]
-    zero = solve_layers([p], SolverConfig(**base, refit_shrink=0.0))[0]
+    today = solve("armor", [p], SolverConfig(**base))[0]
+    zero = solve("armor", [p], SolverConfig(**base, refit_shrink=0.0))[0]
     assert torch.equal(today.factors.S, zero.factors.S) and torch.equal(today.factors.A_blocks, zero.factors.A_blocks)
     assert zero.report.notes["output_loss_full_h"] == zero.report.loss_final
-    r = solve_layers([p], SolverConfig(**base, refit_shrink=0.5, refit_shrink_to=target))[0]
+    r = solve("armor", [p], SolverConfig(**base, refit_shrink=0.5, refit_shrink_to=target))[0]
     Hs = shrunk(p.stats.H, 0.5, b)
     assert r.report.loss_final == pytest.approx(output_loss(p.W, r.factors.to_dense(), Hs), rel=1e-6)
     assert r.report.loss_final <= r.report.loss_start  # the guarantee, in the refit's own objective
