@@ -271,6 +271,9 @@ def cmd_eval(a) -> int:
     else:
         loaded = pipeline.load(a.model)
         model, tok, what = loaded.model, loaded.tokenizer, str(loaded.folder)
+    from armor_export.config import check_positions
+
+    check_positions(model.config, eval_seqlen=a.eval_seqlen)  # before any text is tokenised into windows
     evals = evaluate_all(model, tok, cfgs, what=what)
     res = {"model": what, "perplexity": {k: v["perplexity"] for k, v in evals.items()}, "evals": evals}
     print(json.dumps(res, allow_nan=False))

@@ -335,7 +335,7 @@ def test_sequence_lengths_beyond_the_positions(capsys, tiny_model_dir, tiny_text
     assert stdout == ""
     rc, stdout, _ = cli(capsys, "eval", "--model", m, "--eval-text", tiny_text_dir / "eval", "--eval-windows", "1",
                         "--eval-seqlen", "64")  # the limit itself is fine
-    assert rc == 0 and json.loads(stdout)["seqlen"] == 64
+    assert rc == 0 and [e["seqlen"] for e in json.loads(stdout)["evals"].values()] == [64]
 
 
 @pytest.mark.parametrize("extra,culprit", [(("--block-size", "12"), "block size 12"),
