@@ -39,8 +39,12 @@ def debug_requested(flag: bool = False) -> bool:
 
 
 def one_line(text: str) -> str:
+    """The message on one line; a long one loses its middle, not its end (where what to do usually stands)."""
     text = " ".join(str(text).split())
-    return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 3] + "..."
+    if len(text) <= MAX_CHARS:
+        return text
+    head = MAX_CHARS // 2
+    return text[:head] + " ... " + text[len(text) - (MAX_CHARS - head - 5):]
 
 
 def install_hint(*modules: str) -> str:

@@ -430,3 +430,12 @@ def test_console_entry_prints_no_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "armor_export", "report", "--artifact", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120, env=env)
     assert_clear(res.returncode, res.stderr, str(tmp_path / "nope"), "manifest.json not found")
+
+
+def test_a_long_message_keeps_its_end():
+    from armor_export.errors import MAX_CHARS, one_line
+
+    text = "what failed: " + "x " * 1000 + "what to do: rerun with --overwrite"
+    line = one_line(text)
+    assert len(line) <= MAX_CHARS and line.startswith("what failed:") and line.endswith("rerun with --overwrite")
+    assert one_line("a\nb") == "a b"
