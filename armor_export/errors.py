@@ -12,7 +12,7 @@ import os
 
 USER_ERROR, INTERNAL_ERROR = 2, 1
 DEBUG_ENV = "ARMOR_DEBUG"
-MAX_CHARS = 600
+MAX_CHARS = 1500  # only foreign text (a library's exception) gets this long; ours names paths
 
 # errno -> what to do about it (the OS's own words and the path come first)
 OS_HINTS = {

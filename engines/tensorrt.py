@@ -30,11 +30,9 @@ from engines.base import ExportConfig
 from engines.onnx_export import requires
 
 INSTALL_HINT = ("TensorRT is not installed, so no engine was built. On a Linux machine with an NVIDIA GPU "
-                "(sm80+ for 2:4 sparse tactics) and a CUDA 12/13 driver: `pip install tensorrt` (the PyPI "
-                "package is a stub that fetches the real wheel from NVIDIA's index; or use the NGC container "
-                "nvcr.io/nvidia/tensorrt), then build the engine again (the command below), or build from the written ONNX with "
-                "`trtexec --onnx={onnx} --sparsity=enable --profilingVerbosity=detailed "
-                "--exportLayerInfo=layers.json`.")
+                "(sm80+ for 2:4 sparse tactics): `pip install tensorrt` (a stub that fetches NVIDIA's wheel) or "
+                "the NGC container nvcr.io/nvidia/tensorrt, then rerun the command below, or build from the "
+                "written ONNX with `trtexec --onnx={onnx} --sparsity=enable`.")
 BATCH_WORDS, SEQ_WORDS = ("batch",), ("seq", "length", "total", "past")
 
 
