@@ -46,7 +46,7 @@ from armor_export.eval_suite import eval_configs, prepare
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
 from benchmarks.modelopt_launch import run_modelopt
-from benchmarks.quality_table import gap_closed, method_spec, ppls_str, table
+from benchmarks.quality_table import gap_closed, method_spec, ppls_str, shrink_key, table
 from benchmarks.synth import make_tiny_model_dir, sample_text
 from engines.torch_module import ArmorLinear, set_submodule
 from solver.config import PRESETS, SolverConfig
@@ -155,7 +155,8 @@ class Bench:
         return (r["method"], r["calibration"], r["block_size"], r["iterations"], r.get("sparsegpt_damp"),
                 r.get("mask_only", False), r.get("lr", 1e-4) if armor else None,
                 r.get("sparse_rounds", 1) if armor else None, r.get("objective", "diag") if armor else None,
-                r.get("refit", "none") if armor else None)
+                r.get("refit", "none") if armor else None,
+                shrink_key(r.get("refit", "none"), r.get("refit_shrink"), r.get("refit_shrink_to")) if armor else None)
 
     def load_previous(self, path: Path, methods: list[str]) -> None:
         """Seed the cache with runs of ``methods`` from an earlier JSON made on the very same token windows."""
@@ -206,7 +207,8 @@ class Bench:
     def run(self, method: str, *, mode: str = "dense", block_size: int | None = None,
             iterations: int | None = None, damp: float | None = None, mask_only: bool = False,
             lr: float | None = None, rounds: int | None = None, objective: str | None = None,
-            refit: str | None = None, preset: str | None = None) -> dict:
+            refit: str | None = None, shrink: float | None = None, shrink_to: str | None = None,
+            preset: str | None = None) -> dict:
         """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
         b = self.b if block_size is None else block_size
         it = self.iters if iterations is None else iterations
@@ -214,20 +216,26 @@ class Bench:
         rounds = self.rounds if rounds is None else rounds
         objective = self.args.objective if objective is None else objective
         refit = self.args.refit if refit is None else refit
+        shrink = self.args.refit_shrink if shrink is None else shrink
+        shrink_to = self.args.refit_shrink_to if shrink_to is None else shrink_to
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
                damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,
                rounds if method == "armor" else None, objective if method == "armor" else None,
-               refit if method == "armor" else None)
+               refit if method == "armor" else None,
+               shrink_key(refit, shrink, shrink_to) if method == "armor" else None)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
             self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3],
-                                 "lr": key[6], "sparse_rounds": key[7], "objective": key[8], "refit": key[9]})
+                                 "lr": key[6], "sparse_rounds": key[7], "objective": key[8], "refit": key[9],
+                                 "refit_shrink": shrink if method == "armor" else None})
             return None
         cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
                            objective=objective if method == "armor" else "diag",
                            refit=refit if method == "armor" else "none",
+                           refit_shrink=shrink if method == "armor" and refit != "none" else 0.0,
+                           refit_shrink_to=shrink_to,
                            **({} if damp is None else {"sparsegpt_damp": damp}))
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
@@ -251,11 +259,15 @@ class Bench:
         label = f"ARMOR --preset {preset}" if preset else (
             LABELS[method] + ("" if damp in (None, SolverConfig.sparsegpt_damp) else f" damp {damp}")
                  + (" mask-only" if mask_only else "") + ("" if cfg.objective == "diag" else f" {cfg.objective}")
-                 + ("" if cfg.refit == "none" else f" {cfg.refit}-refit"))
+                 + ("" if cfg.refit == "none" else f" {cfg.refit}-refit")
+                 + (f" shrink {cfg.refit_shrink:g} to {cfg.refit_shrink_to}"
+                    if cfg.refit != "none" and cfg.refit_shrink else ""))
         r = {"method": method, "label": label, "calibration": mode,
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
              "lr": lr if method == "armor" else None, "sparse_rounds": rounds if method == "armor" else None,
              "objective": objective if method == "armor" else None, "refit": refit if method == "armor" else None,
+             "refit_shrink": shrink if method == "armor" and refit != "none" else None,
+             "refit_shrink_to": shrink_to if method == "armor" and refit != "none" and shrink else None,
              "preset": preset, "perplexity": ppl, "perplexities": ppls, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
@@ -287,6 +299,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ARMOR proxy of the main table (block-hessian needs full H; solver/block_hessian.py)")
     p.add_argument("--refit", default="none", choices=("none", "output"),
                    help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")
+    p.add_argument("--refit-shrink", type=float, default=SolverConfig.refit_shrink,
+                   help="the refit's Hessian shrinkage lambda (armor:PRESET takes the preset's)")
+    p.add_argument("--refit-shrink-to", default=SolverConfig.refit_shrink_to, choices=("diag", "block"))
     p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
     p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")
     p.add_argument("--main-methods", default=",".join((*BASELINES, "armor", "armor:quality")),

@@ -6,7 +6,16 @@ import math
 from solver.config import PRESETS
 
 RUN_KEYWORDS = {"block_size": "block_size", "iterations": "iterations", "lr": "lr", "sparse_rounds": "rounds",
-                "objective": "objective", "refit": "refit"}  # preset key -> Bench.run keyword
+                "objective": "objective", "refit": "refit", "refit_shrink": "shrink",
+                "refit_shrink_to": "shrink_to"}  # preset key -> Bench.run keyword (every key of every preset)
+
+
+def shrink_key(refit: str | None, shrink: float | None, shrink_to: str | None) -> tuple | None:
+    """The refit's shrinkage as part of a run's identity: None without a refit or without shrinkage (so runs
+    recorded before shrinkage existed keep their keys), else (lambda, target)."""
+    if refit in (None, "none") or not shrink:
+        return None
+    return float(shrink), shrink_to or "diag"
 
 
 def method_spec(spec: str) -> tuple[str, dict]:
@@ -16,7 +25,7 @@ def method_spec(spec: str) -> tuple[str, dict]:
         return method, {}
     if method != "armor" or preset not in PRESETS:
         raise SystemExit(f"--main-methods {spec}: only armor takes a preset, one of {sorted(PRESETS)}")
-    return method, {"preset": preset, **{RUN_KEYWORDS[k]: v for k, v in PRESETS[preset].items() if k in RUN_KEYWORDS}}
+    return method, {"preset": preset, **{RUN_KEYWORDS[k]: v for k, v in PRESETS[preset].items()}}
 
 
 def ppls_str(p: dict) -> str:

@@ -45,6 +45,11 @@ def test_schema(smoke):
     quality = [r for r in on_disk["runs"] if r["preset"] == "quality"][0]
     assert quality["objective"] == "block-hessian" and quality["refit"] == "output"
     assert quality["label"] == "ARMOR --preset quality"
+    from solver.config import PRESETS
+    # the run is the preset, every setting of it but those the flags give (--iterations; the smoke model's b);
+    # the refit's shrinkage was once dropped on the way
+    kept = {k: v for k, v in PRESETS["quality"].items() if k not in ("iterations", "block_size")}
+    assert {k: quality[k] for k in kept} == kept and quality["iterations"] == 6
     # every run on every evaluation text: the smoke text and a registered out-of-domain corpus
     assert list(on_disk["evaluation"]["texts"]) == ["eval", "tech"]
     assert all(t["windows"] == 4 for t in on_disk["evaluation"]["texts"].values())
@@ -125,3 +130,13 @@ def test_modelopt_launch_without_its_venv_says_how_to_make_it(tmp_path):
     bench = SimpleNamespace(args=SimpleNamespace(modelopt_python=str(tmp_path / "none" / "python")))
     res = run_modelopt(bench, tmp_path, {"dense": 1.0})
     assert "not found" in res["error"] and "benchmarks/modelopt_env.sh" in res["error"]
+
+
+def test_method_spec_takes_every_preset_setting():
+    from benchmarks.quality_table import RUN_KEYWORDS, method_spec
+    from solver.config import PRESETS
+
+    for name, preset in PRESETS.items():
+        method, kw = method_spec(f"armor:{name}")
+        assert method == "armor" and kw.pop("preset") == name
+        assert kw == {RUN_KEYWORDS[k]: v for k, v in preset.items()}
