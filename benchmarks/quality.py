@@ -49,7 +49,7 @@ from benchmarks.modelopt_launch import run_modelopt
 from benchmarks.quality_table import gap_closed, method_spec, ppls_str, shrink_key, table
 from benchmarks.synth import make_tiny_model_dir, sample_text
 from engines.torch_module import ArmorLinear, set_submodule
-from solver.config import PRESETS, SolverConfig
+from solver.config import PRESETS, SHRINK_TARGETS, SolverConfig
 from solver.factors import Factorization
 from solver.methods import stats_needed
 from solver.objective import proxy_loss
@@ -156,7 +156,7 @@ class Bench:
                 r.get("mask_only", False), r.get("lr", 1e-4) if armor else None,
                 r.get("sparse_rounds", 1) if armor else None, r.get("objective", "diag") if armor else None,
                 r.get("refit", "none") if armor else None,
-                shrink_key(r.get("refit", "none"), r.get("refit_shrink"), r.get("refit_shrink_to")) if armor else None)
+                shrink_key(r.get("refit"), r.get("refit_shrink"), r.get("refit_shrink_to")))
 
     def load_previous(self, path: Path, methods: list[str]) -> None:
         """Seed the cache with runs of ``methods`` from an earlier JSON made on the very same token windows."""
@@ -216,26 +216,26 @@ class Bench:
         rounds = self.rounds if rounds is None else rounds
         objective = self.args.objective if objective is None else objective
         refit = self.args.refit if refit is None else refit
-        shrink = self.args.refit_shrink if shrink is None else shrink
+        refits = method == "armor" and refit != "none"  # the shrinkage exists only for ARMOR's refit
+        shrink = (self.args.refit_shrink if shrink is None else shrink) if refits else 0.0
         shrink_to = self.args.refit_shrink_to if shrink_to is None else shrink_to
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
                damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,
                rounds if method == "armor" else None, objective if method == "armor" else None,
                refit if method == "armor" else None,
-               shrink_key(refit, shrink, shrink_to) if method == "armor" else None)
+               shrink_key(refit, shrink, shrink_to))
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
             self.not_run.append({"method": method, "calibration": mode, "block_size": key[2], "iterations": key[3],
                                  "lr": key[6], "sparse_rounds": key[7], "objective": key[8], "refit": key[9],
-                                 "refit_shrink": shrink if method == "armor" else None})
+                                 "refit_shrink": shrink if refits else None})
             return None
         cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
                            objective=objective if method == "armor" else "diag",
                            refit=refit if method == "armor" else "none",
-                           refit_shrink=shrink if method == "armor" and refit != "none" else 0.0,
-                           refit_shrink_to=shrink_to,
+                           refit_shrink=shrink, refit_shrink_to=shrink_to,
                            **({} if damp is None else {"sparsegpt_damp": damp}))
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
@@ -266,8 +266,7 @@ class Bench:
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
              "lr": lr if method == "armor" else None, "sparse_rounds": rounds if method == "armor" else None,
              "objective": objective if method == "armor" else None, "refit": refit if method == "armor" else None,
-             "refit_shrink": shrink if method == "armor" and refit != "none" else None,
-             "refit_shrink_to": shrink_to if method == "armor" and refit != "none" and shrink else None,
+             "refit_shrink": shrink if refits else None, "refit_shrink_to": shrink_to if refits and shrink else None,
              "preset": preset, "perplexity": ppl, "perplexities": ppls, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}
@@ -301,7 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")
     p.add_argument("--refit-shrink", type=float, default=SolverConfig.refit_shrink,
                    help="the refit's Hessian shrinkage lambda (armor:PRESET takes the preset's)")
-    p.add_argument("--refit-shrink-to", default=SolverConfig.refit_shrink_to, choices=("diag", "block"))
+    p.add_argument("--refit-shrink-to", default=SolverConfig.refit_shrink_to, choices=SHRINK_TARGETS)
     p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
     p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")
     p.add_argument("--main-methods", default=",".join((*BASELINES, "armor", "armor:quality")),
