@@ -1,11 +1,14 @@
 """The versioned factor artifact: what solving produces and every engine reads.
 
-Layout of an artifact directory (format ``armor-export/factors``, version 2; schema in armor_export.manifest):
+Layout of an artifact directory (format ``armor-export/factors``, version 3; schema in armor_export.manifest):
   manifest.json          format, version, source model, method and solver options, calibration
                          provenance (sha256), per-layer shape / block size / losses / status / time,
                          sha256 of every other file of the artifact (``files``), library versions
   manifest.sha256        the manifest's own sha256 (``sha256sum -c`` format)
-  factors.safetensors    per pruned linear ``{fqn}``:
+  factors.index.json     {"metadata": {...}, "weight_map": {tensor: shard file}} (Hugging Face style)
+  factors-0000i-of-0000n.safetensors   the shards: each one chunk of layers as the solver finished it
+                         (the resume store's chunk file, moved in; armor_export.resume), holding per
+                         pruned linear ``{fqn}``:
                            {fqn}.S_values  [d_out, d_in/2]   kept values of S, group order
                            {fqn}.S_meta    uint8 [d_out, ceil(d_in/8)]  2-bit positions (solver.sparsity)
                            {fqn}.A_blocks  [d_out/b, b, b]   (absent = identity)
@@ -16,19 +19,27 @@ Layout of an artifact directory (format ``armor-export/factors``, version 2; sch
   .armor-export.json     the ownership marker (armor_export.fsutil)
 The normaliser is folded into A and B. No pickles anywhere; loading verifies the manifest's digest,
 schema and version and every file's hash, and fails with the file's (and layer's) name on any mismatch.
-Version-1 artifacts (only the tensor files hashed, no digest) are still read.
+Which layers share a shard depends on how they were solved (chunks, ranks, resumed layers); the
+tensors do not. Versions 1 and 2 (one ``factors.safetensors``; version 1 with only the tensor files
+hashed and no digest) are still read.
+
+Reading is lazy: ``Artifact.layers`` and ``Artifact.base`` are mappings that read one layer's (one
+tensor's) data from its shard when asked (safetensors ``safe_open``), so a stage that walks the
+layers holds one layer's factors at a time.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from armor_export.fsutil import HASHES, MARKER, atomic_dir, folder_files, sha256_file
 from armor_export.manifest import (DIGEST, FORMAT, FORMAT_VERSION, ArtifactError, check_digest, check_version,
@@ -36,7 +47,9 @@ from armor_export.manifest import (DIGEST, FORMAT, FORMAT_VERSION, ArtifactError
 from solver.factors import Factorization
 from solver.sparsity import pack_24, unpack_24
 
-FACTORS_FILE = "factors.safetensors"
+FACTORS_FILE = "factors.safetensors"  # versions 1 and 2: all factors in one file
+FACTORS_INDEX = "factors.index.json"  # version 3: tensor -> shard
+PARTS = ("S_values", "S_meta", "A_blocks", "B_blocks", "bias")
 BASE_FILE = "base.safetensors"
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -55,8 +68,86 @@ class LayerFactors:
 class Artifact:
     path: Path
     manifest: dict
-    layers: dict[str, LayerFactors]
-    base: dict[str, torch.Tensor]
+    layers: Mapping[str, LayerFactors]  # LazyLayers: one layer read per access
+    base: Mapping[str, torch.Tensor]  # LazyTensors: one tensor read per access
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"factors-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _open(f: Path):
+    if not Path(f).is_file():
+        raise ArtifactError(f"{f}: missing (the artifact is incomplete)")
+    try:
+        return safe_open(str(f), "pt")
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{f}: cannot be read as safetensors ({e})") from None
+
+
+def tensor_keys(f: Path) -> list[str]:
+    """The tensor names of a safetensors file (its header only)."""
+    with _open(f) as fh:
+        return list(fh.keys())
+
+
+class LazyTensors(Mapping):
+    """``{tensor name: tensor}`` over safetensors files, read one tensor per access."""
+
+    def __init__(self, folder: Path, where: dict[str, str]):
+        self.folder, self.where = Path(folder), where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        f = self.folder / self.where[key]
+        with _open(f) as fh:
+            return fh.get_tensor(key)
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        out = {}
+        for name, ks in by_file.items():
+            with _open(self.folder / name) as fh:
+                out.update({k: fh.get_tensor(k) for k in ks})
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+class LazyLayers(Mapping):
+    """``{fqn: LayerFactors}`` of an artifact, each layer decoded from its shard when asked."""
+
+    def __init__(self, folder: Path, entries: dict[str, dict], where: dict[str, str]):
+        self.entries, self.tensors = entries, LazyTensors(folder, where)
+        known = {f"{n}.{p}" for n in entries for p in PARTS}
+        stray = sorted(k for k in where if k not in known)
+        if stray:
+            layer = stray[0].rsplit(".", 1)[0]
+            raise ArtifactError(f"{Path(folder) / where[stray[0]]}: holds tensor {stray[0]!r}, but layer {layer} has "
+                                f"no entry in the manifest's 'layers' (the manifest was edited or belongs to another "
+                                f"artifact)")
+        for n in entries:
+            for p in ("S_values", "S_meta"):
+                if f"{n}.{p}" not in where:
+                    files = sorted(set(where.values())) or [FACTORS_INDEX]
+                    raise ArtifactError(f"{Path(folder) / files[0]}: missing tensor '{n}.{p}' for layer {n}")
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        entry = self.entries[name]
+        keys = [f"{name}.{p}" for p in PARTS if f"{name}.{p}" in self.tensors.where]
+        where = str(self.tensors.folder / self.tensors.where[f"{name}.S_values"])
+        return layers_from_tensors(self.tensors.read(keys), {name: entry}, where)[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def layer_tensors(name: str, lf: LayerFactors) -> dict[str, torch.Tensor]:
@@ -124,29 +215,67 @@ def copy_model_files(source_dir: Path, dest: Path) -> list[str]:
     return copied
 
 
-def save_artifact(out: Path, *, layers: dict[str, LayerFactors], base: dict[str, torch.Tensor],
-                  source_dir: Path, manifest: dict, overwrite: bool = False) -> Path:
-    """Write an artifact atomically; ``manifest`` is extended with format, layers and file hashes.
+def layer_entry(lf: LayerFactors) -> dict:
+    """The layer's manifest entry: the solver's facts plus what the readers decode the tensors with."""
+    return {**lf.info, "shape": list(lf.factors.S.shape), "block_size": lf.factors.block_size,
+            "has_bias": lf.bias is not None}
 
-    ``base`` must not hold tensors of a pruned linear (they live in the factors file); such a
-    tensor is refused here, before anything is written, instead of making the artifact unloadable."""
-    owned = tuple(f"{n}." for n in layers)
+
+def write_shard(path: Path, layers: Mapping[str, LayerFactors]) -> dict[str, dict]:
+    """Write one shard (the packed factors of ``layers``) to ``path``; return the layers' manifest entries."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lf in layers.items():
+        tensors.update(layer_tensors(name, lf))
+    save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    return {name: layer_entry(lf) for name, lf in layers.items()}
+
+
+def _place(src: Path, dest: Path) -> None:
+    """A finished shard into the artifact: a hard link (the store keeps its copy until the artifact is
+    renamed into place; no bytes are copied), or a rename where links are not possible."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        os.replace(src, dest)
+
+
+def save_artifact(out: Path, *, layers: Mapping[str, LayerFactors], base: Mapping[str, torch.Tensor],
+                  source_dir: Path, manifest: dict, overwrite: bool = False) -> Path:
+    """Write an artifact from layers in memory (one shard); see ``finish_artifact``."""
+    return finish_artifact(out, [layers], base=base, source_dir=source_dir, manifest=manifest, overwrite=overwrite)
+
+
+def finish_artifact(out: Path, shards: list, *, base: Mapping[str, torch.Tensor], source_dir: Path,
+                    manifest: dict, overwrite: bool = False) -> Path:
+    """Write an artifact atomically; ``manifest`` is extended with format, layers, index and file hashes.
+
+    ``shards``: in order, each either ``(path, entries)`` of a shard already written (``write_shard``, e.g. a
+    resume-store chunk: linked in, never loaded) or a mapping of layers to write as one shard here.
+    ``base`` must not hold tensors of a pruned linear (they live in the shards); such a tensor is refused
+    here, before anything is written, instead of making the artifact unloadable."""
+    names = [n for s in shards for n in (s[1] if isinstance(s, tuple) else s)]
+    owned = tuple(f"{n}." for n in names)
     stray = sorted(k for k in base if k.startswith(owned))
     if stray:
         raise ArtifactError(f"{out}: base tensors {stray[:5]} belong to pruned linears; the base file holds "
                             "only tensors no pruned linear owns (this is a bug in the caller, not in the model)")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, lf in layers.items():
-        tensors.update(layer_tensors(name, lf))
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"{out}: a layer is in two shards (this is a bug in the caller)")
     man = dict(manifest)
     man["format"], man["format_version"] = FORMAT, FORMAT_VERSION
-    man["layers"] = {
-        name: {**lf.info, "shape": list(lf.factors.S.shape), "block_size": lf.factors.block_size,
-               "has_bias": lf.bias is not None}
-        for name, lf in layers.items()
-    }
+    man["layers"], weight_map = {}, {}
     with atomic_dir(out, overwrite=overwrite, kind="artifact", hash_files=False, inputs=(source_dir,)) as tmp:
-        save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        for i, shard in enumerate(shards, 1):
+            dest = tmp / shard_name(i, len(shards))
+            if isinstance(shard, tuple):
+                _place(Path(shard[0]), dest)
+                entries = shard[1]
+            else:
+                entries = write_shard(dest, shard)
+            man["layers"].update(entries)
+            weight_map.update({k: dest.name for k in tensor_keys(dest)})
+        index = {"metadata": {"format": FORMAT, "format_version": FORMAT_VERSION}, "weight_map": weight_map}
+        (tmp / FACTORS_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in base.items()}, str(tmp / BASE_FILE))
         man["model_files"] = copy_model_files(source_dir, tmp)
         man["files"] = {f: sha256_file(tmp / f) for f in folder_files(tmp, OWN_FILES)}
@@ -179,7 +308,8 @@ def check_files(path: Path, man: dict) -> None:
     """Every file the manifest lists exists and matches its sha256; (version 2) nothing else is there."""
     path = Path(path)
     files = man["files"]
-    required = (FACTORS_FILE, BASE_FILE) + (tuple(man["model_files"]) if man["format_version"] >= 2 else ())
+    factors = (FACTORS_INDEX,) if man["format_version"] >= 3 else (FACTORS_FILE,)
+    required = (*factors, BASE_FILE) + (tuple(man["model_files"]) if man["format_version"] >= 2 else ())
     for name in required:
         if name not in files:
             raise ArtifactError(f"{path / MANIFEST}: field 'files' has no entry for {name}; the manifest was edited "
@@ -208,24 +338,52 @@ def check_artifact(path: Path) -> dict:
     return man
 
 
-def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
-    if not f.is_file():
-        raise ArtifactError(f"{f}: missing (the artifact is incomplete)")
+def factor_files(path: Path, man: dict) -> dict[str, str]:
+    """``{tensor: file}`` of the factors: the index (version 3, every shard listed in ``files``) or the one
+    factors file's header (versions 1, 2)."""
+    path = Path(path)
+    if man["format_version"] < 3:
+        return dict.fromkeys(tensor_keys(path / FACTORS_FILE), FACTORS_FILE)
+    f = path / FACTORS_INDEX
     try:
-        return load_file(str(f))
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{f}: cannot be read as safetensors ({e})") from None
+        where = json.loads(f.read_text())["weight_map"]
+        if not (isinstance(where, dict) and all(isinstance(v, str) for v in where.values())):
+            raise TypeError("weight_map is not an object of file names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{f}: not a valid index ({type(e).__name__}: {e}); re-create the artifact") from None
+    for name in sorted(set(where.values())):
+        if name not in man["files"] or "/" in name:
+            raise ArtifactError(f"{f}: names shard {name!r}, which the manifest's 'files' does not list; the index "
+                                f"was edited: re-create the artifact")
+        keys = set(tensor_keys(path / name))
+        listed = {k for k, v in where.items() if v == name}
+        if keys != listed:
+            odd = sorted(keys ^ listed)[0]
+            raise ArtifactError(f"{path / name}: tensor {odd!r} does not match {FACTORS_INDEX}; re-create the "
+                                f"artifact")
+    return where
 
 
 def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
-    """Read an artifact; ``verify`` (default) checks every file's sha256 first."""
+    """Open an artifact; ``verify`` (default) checks every file's sha256 first. Tensors are read lazily."""
     path = Path(path)
     man = read_manifest(path)
     if verify:
         check_files(path, man)
-    tensors = _load_tensors(path / FACTORS_FILE)
-    base = _load_tensors(path / BASE_FILE)
-    return Artifact(path, man, layers_from_tensors(tensors, man["layers"], str(path / FACTORS_FILE)), base)
+    layers = LazyLayers(path, man["layers"], factor_files(path, man))
+    base = LazyTensors(path, dict.fromkeys(tensor_keys(path / BASE_FILE), BASE_FILE))
+    return Artifact(path, man, layers, base)
+
+
+def shard_of(path: Path, layer: str) -> str:
+    """The file name (in the artifact at ``path``) holding ``layer``'s factors."""
+    path = Path(path)
+    return factor_files(path, read_manifest(path))[f"{layer}.S_values"]
+
+
+def read_layers(art: Artifact) -> dict[str, LayerFactors]:
+    """Every layer's factors in memory (for callers that really need them all at once)."""
+    return {n: art.layers[n] for n in art.layers}
 
 
 def build_base_model(art: Artifact, *, dtype: torch.dtype = torch.float32):

@@ -369,28 +369,44 @@ def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfgs) -> int:
     from solver.methods import stats_needed
 
     t0 = time.perf_counter()
-    summary: dict = {"engine": engine}
+    summary: dict = {"engine": engine, "peak_rss_mb": {}}
     loaded = pipeline.load(a.model)
     calibrates = stats_needed(scfg) != "none"
     check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfgs[0].seqlen)
     pipeline.prunable(loaded, scfg, tuple(a.ignore))  # block size, 2:4 shapes, --ignore: before the dense eval
     texts = prepare(loaded.tokenizer, ecfgs)  # the pruned model keeps the tokenizer: tokenise once
+    # One model in memory at a time: dense (eval, then prune), pruned (eval), then the engine's own.
     summary["dense"] = score(loaded.model, texts, desc="perplexity (dense)", what=str(loaded.folder))
+    _stage_done(summary, "dense eval")
     art = pipeline.prune(a.model, scfg, ccfg, out / "artifact", ignore=tuple(a.ignore),
                          overwrite=True, loaded=loaded)
     del loaded
+    _stage_done(summary, "prune")
     model, _, _ = pipeline.load_artifact_model(art)
     summary["pruned"] = score(model, texts, desc="perplexity (pruned)", what=str(art))
     del model
+    _stage_done(summary, "pruned eval")
     if low is not None:
         engine_dir = low.lower(art, out / engine, ExportConfig(overwrite=True))
+        _stage_done(summary, "lower")
         summary["verify"] = low.verify(art, engine_dir, ExportConfig(report_dir=out / engine,
                                                                      parity_tokens=parity_tokens(art, ecfgs[0])))
+        _stage_done(summary, "verify")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_run_summary(out, art, summary)
     report.print_run_summary(art, summary)
     ok = summary.get("verify", {}).get("passed", True)
     return 0 if ok else 1
+
+
+def _stage_done(summary: dict, stage: str) -> None:
+    """Release what the stage left (cycles included) and record the process's peak RSS so far (MB): the
+    first stage whose number rises is the one that set the peak."""
+    import gc
+    import resource
+
+    gc.collect()
+    summary["peak_rss_mb"][stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """The artifact manifest's schema and its digest: every field the readers rely on is checked here, so a
 removed or retyped field is one clear ``ArtifactError`` naming the field and the file, never a KeyError.
 
-Format version 2 (current): ``files`` lists the sha256 of every file of the artifact (tensors, config,
+Format version 3 (current): the factors are shards listed by ``factors.index.json`` (armor_export.artifact);
+everything else as version 2. Version 2: ``files`` lists the sha256 of every file of the artifact (tensors, config,
 tokenizer, templates) and ``manifest.sha256`` (``sha256sum -c`` format) holds the manifest's own digest.
 Version 1 (read, with a note): ``files`` covers only the two tensor files and there is no digest.
 
@@ -17,8 +18,8 @@ import re
 from pathlib import Path
 
 FORMAT = "armor-export/factors"
-FORMAT_VERSION = 2
-READS = (1, 2)
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 DIGEST = "manifest.sha256"
 
 _NUM = (int, float)

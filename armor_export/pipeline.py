@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from armor_export import __version__
 from armor_export.adapters import Family, split_name, target_names
-from armor_export.artifact import LayerFactors, save_artifact
+from armor_export.artifact import LayerFactors, finish_artifact
 from armor_export.calibration import TokenWindows, document_windows, windows
 from armor_export.capture import iterate_blocks
 from armor_export.config import CalibConfig, EvalConfig, check_positions, to_dict
 from armor_export.corpus import default_split, get_corpus, text_files
 from armor_export.evaluate import perplexity
-from armor_export.fsutil import check_output, output_lock
+from armor_export.fsutil import check_output, output_lock, read_marker
 from armor_export.models import load_model, load_tokenizer, model_id, read_family, resolve_model
 from armor_export.resume import LayerStore, model_fingerprint
 from armor_export.shard import DistContext, assign, chunks, layer_cost
@@ -154,22 +154,30 @@ def _layer_factors(loaded: Loaded, name: str, result, method: str, stats: LayerS
 
 def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] | None,
                 solver_cfg: SolverConfig, store: LayerStore | None = None, *,
-                progress: bool = False) -> dict[str, LayerFactors]:
+                progress: bool = False, keep: bool = True) -> dict[str, LayerFactors]:
     """Solve ``names`` in chunks of same-shaped layers (``shard.chunks``); each finished chunk is
-    checkpointed into ``store`` when given. Layers already in the store are loaded, not solved."""
+    checkpointed into ``store`` when given (it is a shard of the artifact). Layers already in the store are
+    not solved again. ``keep``: return every layer's factors (loaded from the store for finished ones);
+    otherwise (needs a store) nothing is kept, so memory holds one chunk at a time."""
+    if not keep and store is None:
+        raise ValueError("solve_dense(keep=False) needs a store to write the layers to")
     done = store.done() if store is not None else set()
-    out = {n: store.load(n) for n in names if n in done}
+    out = {n: store.load(n) for n in names if n in done} if keep else {}
     todo = [n for n in names if n not in done]
     shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in todo}
     with tqdm(total=len(todo), desc=f"solve ({solver_cfg.method})", unit="layer", disable=not progress) as bar:
         for chunk in chunks(todo, shapes, solver_cfg.max_batch):
             results = solve(solver_cfg.method, _problems(loaded, chunk, stats), solver_cfg)
-            for n, r in zip(chunk, results):
-                out[n] = _layer_factors(loaded, n, r, solver_cfg.method, None if stats is None else stats[n])
-                if store is not None:
-                    store.save(n, out[n])
+            solved = {n: _layer_factors(loaded, n, r, solver_cfg.method, None if stats is None else stats[n])
+                      for n, r in zip(chunk, results)}
+            del results
+            if store is not None:
+                store.save_chunk(solved)
+            if keep:
+                out.update(solved)
+            del solved
             bar.update(len(chunk))
-    return {n: out[n] for n in names}
+    return {n: out[n] for n in names} if keep else {}
 
 
 def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, solver_cfg: SolverConfig,
@@ -259,6 +267,8 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
         except BaseException:
             if dist.main:
                 store = LayerStore(out, {})
+                if not kw.get("resume", True) and read_marker(store.root) is not None:
+                    store.remove()  # --no-resume: the store was only the staging area
                 store.discard_if_empty()
                 if store.root.is_dir() and store.done():
                     _log(f"the {len(store.done())} finished layer(s) are kept in {store.root}; rerun the same "
@@ -293,39 +303,38 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
     method = get_method(solver_cfg.method)
     needs = stats_needed(solver_cfg)
     tokens = None if needs == "none" else calibration_windows(loaded.tokenizer, calib)
-    store = None
-    if resume or dist.world > 1:  # ranks exchange finished layers through the store
-        store = LayerStore(out, run_settings(loaded, names, solver_cfg, calib, tokens))
-        if dist.main:
-            for note in store.prepare(reuse=resume):
-                _log(note, dist)
-        dist.barrier()
-        store.check()
-        done = store.done() & set(names)
-        dist.barrier()  # every rank has read the same ``done`` before anyone writes a new layer
-        if done and dist.main:
-            _log(f"resuming: {len(done)} of {len(names)} layers already solved in {store.root}", dist)
-    todo = [n for n in names if store is None or n not in done]
+    # The store is the artifact's staging area (its chunks become the shards); without ``resume`` it starts
+    # empty and is removed on failure. Ranks exchange finished layers through it.
+    store = LayerStore(out, run_settings(loaded, names, solver_cfg, calib, tokens))
+    if dist.main:
+        for note in store.prepare(reuse=resume):
+            _log(note, dist)
+    dist.barrier()
+    store.check()
+    done = store.done() & set(names)
+    dist.barrier()  # every rank has read the same ``done`` before anyone writes a new layer
+    if done and dist.main:
+        _log(f"resuming: {len(done)} of {len(names)} layers already solved in {store.root}", dist)
+    todo = [n for n in names if n not in done]
     b = solver_cfg.block_size if method.uses_wrappers else None
     costs = {n: layer_cost(*model.get_submodule(n).weight.shape, b) for n in todo}
     mine = assign(costs, dist.world)[dist.rank]
     calib_seconds = 0.0
     t_cal = time.perf_counter()
     if needs == "none":
-        layers = solve_dense(loaded, mine, None, solver_cfg, store, progress=progress)
+        solve_dense(loaded, mine, None, solver_cfg, store, progress=progress, keep=False)
     elif calib.mode == "sequential":
-        layers = solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
+        solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
         stats = collect_stats(loaded, mine, tokens, batch_size=calib.batch_size, progress=progress,
                               **stats_request(solver_cfg))
         calib_seconds = time.perf_counter() - t_cal
-        layers = solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress)
+        solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress, keep=False)
+        del stats
     solve_seconds = time.perf_counter() - t_cal - calib_seconds
     dist.barrier()
     if not dist.main:
         return out
-    if store is not None:
-        layers = {n: layers[n] if n in layers else store.load(n) for n in names}
     manifest = {
         "created_unix": int(time.time()),
         "source": {"model_id": model_id(loaded.folder), "folder": str(loaded.folder),
@@ -342,10 +351,9 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
                       "resumed_layers": len(names) - len(todo)},
         "library_versions": library_versions(),
     }
-    path = save_artifact(out, layers=layers, base=base_tensors(model, names, loaded.lazy),
-                         source_dir=loaded.folder, manifest=manifest, overwrite=overwrite)
-    if store is not None:
-        store.remove()
+    path = finish_artifact(out, store.shards(names), base=base_tensors(model, names, loaded.lazy),
+                           source_dir=loaded.folder, manifest=manifest, overwrite=overwrite)
+    store.remove()
     return path
 
 

@@ -1,17 +1,21 @@
 """Per-layer checkpoints of a solve, so a killed run resumes where it stopped.
 
 The store is the sibling folder ``<out>.partial/`` of the artifact ``<out>``:
-  run.json                  {"key": <hash of the run settings>, "settings": {...}}
-  <fqn>.safetensors         S (dense, 2:4), A_blocks, B_blocks, bias of one finished layer
-  <fqn>.json                the layer's manifest entry plus the sha256 of its .safetensors
+  run.json                  {"store_version", "key": <hash of the run settings>, "settings": {...}}
+  <fqn>.safetensors         one finished chunk of layers (``<fqn>`` its first layer), already in the
+                            artifact's shard format (``artifact.write_shard``: packed S, A, B, bias)
+  <fqn>.json                the chunk's record: its layers, their manifest entries and solver facts,
+                            and the sha256 of its .safetensors
 Each file is written to a temporary name and renamed into place; the .json is written last, so a
-layer counts as finished only when its .json exists and the tensor file's hash matches it. A kill at
-any moment leaves at worst a temporary file, removed on the next open.
+chunk counts as finished only when its .json exists and the tensor file's hash matches it. A kill at
+any moment leaves at worst a temporary file, removed on the next open. The chunk files become the
+artifact's shards (``artifact.finish_artifact`` links them in): the factors are never assembled in
+memory and never copied.
 
 The key hashes everything that changes a layer's result (model files, solver options, calibration
-tokens and options, targets). A store whose key differs is emptied before use: stale layers are
-never reused. Ranks of a distributed run share the store (it must be on a shared filesystem); rank
-0 assembles the artifact from it and then deletes it.
+tokens and options, targets). A store whose key (or store version) differs is emptied before use:
+stale layers are never reused. Ranks of a distributed run share the store (it must be on a shared
+filesystem); rank 0 turns it into the artifact and then deletes it.
 """
 from __future__ import annotations
 
@@ -20,16 +24,11 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from armor_export.artifact import WEIGHT_SUFFIXES, LayerFactors
+from armor_export.artifact import WEIGHT_SUFFIXES, ArtifactError, LayerFactors, LazyLayers, tensor_keys, write_shard
 from armor_export.fsutil import MARKER, OutputError, atomic_write_file, read_marker, remove_tree, sha256_file, \
     write_marker
-from solver.factors import Factorization
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 1: one dense-S file per layer
 SUFFIX = ".partial"
 RUN_FILE = "run.json"
 TMP = ".tmp-"
@@ -83,7 +82,7 @@ class LayerStore:
                               f"and another --out")
         if self.root.exists():
             run = self._read_run()
-            if run is None or run.get("key") != self.key or not reuse:
+            if run is None or run.get("key") != self.key or run.get("store_version") != STORE_VERSION or not reuse:
                 why = "--no-resume" if not reuse else "the run settings changed"
                 notes.append(f"discarded {len(self.done())} checkpointed layer(s) in {self.root} ({why})")
                 shutil.rmtree(self.root)
@@ -102,13 +101,18 @@ class LayerStore:
         """Verify every checkpoint (record, hash, tensors); remove the bad ones so that only those layers
         are solved again. Returns one note per removed layer."""
         notes = []
-        for name in sorted(self.done()):
+        for first in sorted(self._records()):
             try:
-                self.load(name)
+                self._verified(first)
             except CheckpointError as e:
+                try:
+                    layers = ", ".join(self._record(first)["layers"])
+                except CheckpointError:
+                    layers = f"{first} and the rest of its chunk"
                 for suffix in (".json", ".safetensors"):
-                    (self.root / f"{name}{suffix}").unlink(missing_ok=True)
-                notes.append(f"{e}; solving layer {name} again")
+                    (self.root / f"{first}{suffix}").unlink(missing_ok=True)
+                notes.append(f"{e}; solving layer(s) {layers} again")
+        self._index = None
         return notes
 
     def discard_if_empty(self) -> None:
@@ -129,43 +133,98 @@ class LayerStore:
             raise RuntimeError(f"{self.root}: checkpoint store missing or belongs to another run; "
                                f"was the same output used by two runs at once?")
 
-    def done(self) -> set[str]:
-        names = set()
+    def _records(self) -> list[str]:
+        """The chunks on disk: the first-layer names of every record with its tensor file."""
+        firsts = []
         for p in self.root.glob("*.json"):
             if p.name not in (RUN_FILE, MARKER) and not p.name.startswith((TMP, ".")) \
                     and p.with_suffix(".safetensors").is_file():
-                names.add(p.name[:-len(".json")])
-        return names
+                firsts.append(p.name[:-len(".json")])
+        return sorted(firsts)
 
-    def save(self, name: str, lf: LayerFactors) -> None:
-        f = lf.factors
-        tensors = {"S": f.S, "A_blocks": f.A_blocks, "B_blocks": f.B_blocks, "bias": lf.bias}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
-        tfile = self.root / f"{name}.safetensors"
-        _write_atomic(tfile, lambda p: save_file(tensors, str(p)))
-        _write_json(self.root / f"{name}.json", {"name": name, "key": self.key, "info": lf.info,
-                                                 "sha256": sha256_file(tfile)})
-
-    def load(self, name: str) -> LayerFactors:
-        jfile, tfile = self.root / f"{name}.json", self.root / f"{name}.safetensors"
+    def _record(self, first: str) -> dict:
+        jfile = self.root / f"{first}.json"
         try:
-            entry = json.loads(jfile.read_text())
+            rec = json.loads(jfile.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{jfile}: unreadable checkpoint record ({e})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("info"), dict):
+        if not (isinstance(rec, dict) and isinstance(rec.get("layers"), dict) and isinstance(rec.get("info"), dict)
+                and set(rec["layers"]) == set(rec["info"]) and first in rec["layers"]):
             raise CheckpointError(f"{jfile}: checkpoint record is malformed")
+        return rec
+
+    def _verified(self, first: str) -> dict:
+        """The chunk's record after checking its key, its tensor file's hash and its tensor names."""
+        rec, tfile = self._record(first), self.root / f"{first}.safetensors"
         try:
-            ok = entry.get("key") == self.key and sha256_file(tfile) == entry.get("sha256")
+            ok = rec.get("key") == self.key and sha256_file(tfile) == rec.get("sha256")
         except OSError as e:
             raise CheckpointError(f"{tfile}: cannot be read ({e})") from None
         if not ok:
             raise CheckpointError(f"{tfile}: checkpoint does not match its record (corrupt or from another run)")
         try:
-            t: dict[str, torch.Tensor] = load_file(str(tfile))
-            S = t["S"]
-        except (SafetensorError, OSError, KeyError) as e:
+            LazyLayers(self.root, rec["layers"], dict.fromkeys(tensor_keys(tfile), tfile.name))
+        except ArtifactError as e:
             raise CheckpointError(f"{tfile}: cannot be read ({e})") from None
-        return LayerFactors(Factorization(S, t.get("A_blocks"), t.get("B_blocks")), t.get("bias"), entry["info"])
+        return rec
+
+    def index(self) -> dict[str, str]:
+        """``{layer: first layer of its chunk}`` for every finished layer."""
+        if getattr(self, "_index", None) is None:
+            idx = {}
+            for first in self._records():
+                try:
+                    idx.update(dict.fromkeys(self._record(first)["layers"], first))
+                except CheckpointError:
+                    continue
+            self._index = idx
+        return self._index
+
+    def done(self) -> set[str]:
+        self._index = None
+        return set(self.index())
+
+    def save_chunk(self, layers: dict[str, LayerFactors]) -> None:
+        """Checkpoint one solved chunk as a shard of the artifact (``artifact.write_shard``)."""
+        first = next(iter(layers))
+        tfile = self.root / f"{first}.safetensors"
+        entries = {}
+        _write_atomic(tfile, lambda p: entries.update(write_shard(p, layers)))
+        _write_json(self.root / f"{first}.json", {"first": first, "key": self.key, "layers": entries,
+                                                  "info": {n: lf.info for n, lf in layers.items()},
+                                                  "sha256": sha256_file(tfile)})
+        self._index = None
+
+    def save(self, name: str, lf: LayerFactors) -> None:
+        self.save_chunk({name: lf})
+
+    def load(self, name: str) -> LayerFactors:
+        """One finished layer (its chunk verified first), with the solver's facts as ``info``."""
+        first = self.index().get(name)
+        if first is None:
+            raise CheckpointError(f"{self.root}: layer {name} has no checkpoint")
+        rec, tfile = self._verified(first), self.root / f"{first}.safetensors"
+        try:
+            lf = LazyLayers(self.root, rec["layers"], dict.fromkeys(tensor_keys(tfile), tfile.name))[name]
+        except ArtifactError as e:
+            raise CheckpointError(f"{tfile}: cannot be read ({e})") from None
+        return LayerFactors(lf.factors, lf.bias, rec["info"][name])
+
+    def shards(self, names: list[str]) -> list[tuple[Path, dict]]:
+        """The chunks holding ``names``, in the order of their first layer in ``names``, as
+        ``artifact.finish_artifact`` takes them (verified; every layer must be finished)."""
+        idx, order = self.index(), {}
+        missing = [n for n in names if n not in idx]
+        if missing:
+            raise RuntimeError(f"{self.root}: layer {missing[0]} was not solved ({len(missing)} missing); "
+                               f"a rank failed or another run changed the store")
+        for n in names:
+            order.setdefault(idx[n], None)
+        out = []
+        for first in order:
+            rec = self._verified(first)
+            out.append((self.root / f"{first}.safetensors", rec["layers"]))
+        return out
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -79,7 +79,9 @@ def checkpoint_tensors(art: Artifact, dtype: torch.dtype) -> dict[str, torch.Ten
 
 def armor_config(art: Artifact, source_config: dict, dtype: torch.dtype) -> dict:
     fam = family_for(source_config.get("model_type"), str(art.path / "config.json"))
-    sizes = {lf.factors.block_size for lf in art.layers.values()} - {None}
+    entries = art.manifest["layers"]  # shapes and block sizes from the manifest: no layer is read here
+    has = _tensor_names(art)
+    sizes = {e["block_size"] for e in entries.values()} - {None}
     targets = sorted({split_name(fam, n)[1] for n in art.layers})
     cfg = dict(source_config)
     cfg.pop("quantization_config", None)
@@ -91,9 +93,9 @@ def armor_config(art: Artifact, source_config: dict, dtype: torch.dtype) -> dict
         "family": fam.name,
         "block_size": sizes.pop() if len(sizes) == 1 else None,
         "targets": targets,
-        "layers": {n: {"shape": list(lf.factors.S.shape), "block_size": lf.factors.block_size,
-                       "has_A": lf.factors.A_blocks is not None, "has_B": lf.factors.B_blocks is not None,
-                       "has_bias": lf.bias is not None} for n, lf in art.layers.items()},
+        "layers": {n: {"shape": list(e["shape"]), "block_size": e["block_size"],
+                       "has_A": f"{n}.A_blocks" in has, "has_B": f"{n}.B_blocks" in has,
+                       "has_bias": bool(e["has_bias"])} for n, e in entries.items()},
         "s_storage": "dense, 2:4 along d_in (axis 1), +0.0 zeros",
         "product": "y = ((x . B^T) . S^T) . A^T + bias (A, B block-diagonal, stored as [n, b, b] blocks)",
         "fusion": FUSION_NOTE,
@@ -101,6 +103,17 @@ def armor_config(art: Artifact, source_config: dict, dtype: torch.dtype) -> dict
         "method": art.manifest.get("method"),
     }
     return cfg
+
+
+def _tensor_names(art: Artifact) -> set[str]:
+    """The artifact's factor tensor names ({fqn}.A_blocks, ...), without reading any tensor data."""
+    where = getattr(getattr(art.layers, "tensors", None), "where", None)
+    if where is not None:
+        return set(where)
+    out = set()
+    for n, lf in art.layers.items():
+        out |= {f"{n}.{k}" for k, t in (("A_blocks", lf.factors.A_blocks), ("B_blocks", lf.factors.B_blocks)) if t is not None}
+    return out
 
 
 def write_checkpoint(artifact_dir: Path, out_dir: Path, *, dtype: str | torch.dtype | None = None,

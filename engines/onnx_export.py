@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from armor_export.adapters import model_facts
-from armor_export.artifact import Artifact, load_artifact
+from armor_export.artifact import BASE_FILE, Artifact, load_artifact
 from armor_export.fsutil import atomic_dir
+from engines.deferred import Deferred
 from engines.onnx_graph import IR_DTYPES, DecoderGraph, GraphSpec, LinearWeights, check_onnx_features
 
 MODEL_FILE = "model.onnx"
@@ -30,48 +33,104 @@ DATA_FILE = "model.onnx.data"
 META_FILE = "onnx_export.json"
 
 
-def _source_weights(art: Artifact) -> dict[str, torch.Tensor] | None:
-    """Dense weights of the pruned linears from the artifact's source folder, or None if unavailable."""
+def _file_tensors(files) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor: (file, shape)}`` of safetensors files, from their headers only."""
     from safetensors import safe_open
 
-    folder = Path(art.manifest.get("source", {}).get("folder") or "")
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    wanted = {f"{n}.weight" for n in art.layers} | {f"{n}.bias" for n in art.layers}
     out = {}
     for f in files:
         with safe_open(str(f), "pt") as fh:
             for k in fh.keys():
-                if k in wanted:
-                    out[k] = fh.get_tensor(k)
+                out[k] = (str(f), tuple(fh.get_slice(k).get_shape()))
+    return out
+
+
+def _read_one(file: str, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as fh:
+        return fh.get_tensor(key)
+
+
+def _source_weights(art: Artifact) -> dict[str, Deferred] | None:
+    """Dense weights of the pruned linears in the artifact's source folder (read when written), or None."""
+    folder = Path(art.manifest.get("source", {}).get("folder") or "")
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    wanted = {f"{n}.{p}" for n in art.layers for p in ("weight", "bias")}
+    out = {k: Deferred(shape, partial(_read_one, f, k)) for k, (f, shape) in _file_tensors(files).items()
+           if k in wanted}
     return out if all(f"{n}.weight" in out for n in art.layers) else None
 
 
+class _LayerReader:
+    """One artifact layer's factors at a time: the S, A, B and bias initializers of a linear are written one
+    after the other, so the last layer read is kept (and only it)."""
+
+    def __init__(self, art: Artifact):
+        self.art, self.name, self.lf = art, None, None
+
+    def __call__(self, name: str):
+        if name != self.name:
+            self.name, self.lf = None, None  # the previous layer is released before the next is read
+            self.lf, self.name = self.art.layers[name], name
+        return self.lf
+
+    def clear(self) -> None:
+        self.name, self.lf = None, None
+
+    def part(self, name: str, get) -> Callable[[], torch.Tensor]:
+        return lambda: get(self(name))
+
+
 def collect_linears(art: Artifact, config, *, dense: bool) -> tuple[dict[str, LinearWeights], str]:
-    """Every linear the graph needs: ARMOR factors for pruned ones, base weights for the others."""
+    """Every linear the graph needs: ARMOR factors for pruned ones, base weights for the others, as
+    ``Deferred`` tensors (shapes now, data read from the artifact tensor by tensor while the model is
+    saved): the exporter never holds more than one layer's factors."""
     from solver.blockdiag import product
 
     lin: dict[str, LinearWeights] = {}
     src = _source_weights(art) if dense else None
     how = "armor" if not dense else ("source" if src is not None else "merged A.S.B")
-    for name, lf in art.layers.items():
-        f = lf.factors
+    read = _LayerReader(art)
+    for name in art.layers:
+        lf = read(name)  # one layer in memory, for its shapes
+        f, shape = lf.factors, lambda t: None if t is None else tuple(t.shape)
+        S, A, B, bias = (None if shape(t) is None else Deferred(shape(t), read.part(name, g)) for t, g in (
+            (f.S, lambda x: x.factors.S), (f.A_blocks, lambda x: x.factors.A_blocks),
+            (f.B_blocks, lambda x: x.factors.B_blocks), (lf.bias, lambda x: x.bias)))
         if not dense:
-            lin[name] = LinearWeights(f.S, f.A_blocks, f.B_blocks, lf.bias)
+            lin[name] = LinearWeights(S, A, B, bias)
         elif src is not None:
-            lin[name] = LinearWeights(src[f"{name}.weight"], None, None, src.get(f"{name}.bias", lf.bias), dense=True)
+            lin[name] = LinearWeights(src[f"{name}.weight"], None, None, src.get(f"{name}.bias", bias), dense=True)
         else:
-            lin[name] = LinearWeights(product(f.A_blocks, f.S, f.B_blocks), None, None, lf.bias, dense=True)
+            W = Deferred(shape(f.S), read.part(name, lambda x: product(x.factors.A_blocks, x.factors.S,
+                                                                       x.factors.B_blocks)))
+            lin[name] = LinearWeights(W, None, None, bias, dense=True)
+    read.clear()
+    base = deferred_base(art)
     facts = model_facts(config)
     fam = facts.family
     for i in range(facts.num_layers):
         for p in (*fam.qkv, fam.o_proj, *fam.gate_up, fam.down_proj):
             name = facts.layer(i, p)
             if name not in lin:
-                w = art.base.get(f"{name}.weight")
+                w = base.get(f"{name}.weight")
                 if w is None:
                     raise ValueError(f"{name}: neither pruned factors nor a dense weight in the artifact")
-                lin[name] = LinearWeights(w, None, None, art.base.get(f"{name}.bias"), dense=True)
+                lin[name] = LinearWeights(w, None, None, base.get(f"{name}.bias"), dense=True)
     return lin, how
+
+
+def deferred_base(art: Artifact) -> dict[str, Deferred]:
+    """The artifact's base tensors (embeddings, norms, unpruned linears) as ``Deferred``, read when written."""
+    base = art.base
+
+    def load(key):
+        return lambda: base[key]
+
+    shapes = _file_tensors([art.path / BASE_FILE]) if (art.path / BASE_FILE).is_file() else \
+        {k: ("", tuple(v.shape)) for k, v in base.items()}
+    return {k: Deferred(shape, load(k)) for k, (_, shape) in shapes.items()}
 
 
 def read_config(folder):
@@ -105,7 +164,7 @@ def export_onnx(artifact_dir, out_dir, *, dtype: str = "fp32", form: str = "logi
     config = AutoConfig.from_pretrained(art.path)
     facts = model_facts(config)
     linears, how = collect_linears(art, config, dense=dense)
-    model = DecoderGraph(config, spec, linears, art.base).build()
+    model = DecoderGraph(config, spec, linears, deferred_base(art)).build()
     t_build = time.perf_counter() - t0
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=1024)

@@ -35,6 +35,7 @@ from onnx_ir import tape as ir_tape
 from onnx_ir.tensor_adapters import TorchTensor
 
 from armor_export.adapters import ModelFacts, check_features, model_facts
+from engines.deferred import Deferred
 from engines.parity import DTYPES
 
 OPSET = 20  # TensorRT's parser supports opsets up to 20 (deployment-facts §2.6)
@@ -89,7 +90,10 @@ class DecoderGraph:
     # ---- helpers -------------------------------------------------------------------------------
     def weight(self, name: str, t: torch.Tensor, *, plus_zero: bool = False, dtype=None) -> ir.Value:
         """An initializer in the graph dtype, referencing the torch tensor (no copy when possible).
-        plus_zero: x + 0.0 turns every -0.0 into +0.0 and leaves all other values unchanged (S)."""
+        plus_zero: x + 0.0 turns every -0.0 into +0.0 and leaves all other values unchanged (S).
+        A ``Deferred`` (engines.deferred) becomes a lazy initializer, read only when the model is saved."""
+        if isinstance(t, Deferred):
+            return self.t.initializer(t.ir_tensor(name, dtype or self.tdtype, plus_zero=plus_zero), name=name)
         t = t.detach().to(dtype or self.tdtype).contiguous()
         if plus_zero:
             t = t + 0.0

@@ -101,9 +101,9 @@ def torch_layer_outputs(model, ids: torch.Tensor, names) -> dict[str, torch.Tens
     return outs
 
 
-def layer_check(model, names: list[str], folder: Path, runner: OrtRunner, dtype: str, ids: torch.Tensor, tol: dict):
-    ref = torch_layer_outputs(model, ids, names)
-    got = layer_probe(folder, names, dtype, feeds_for(runner, ids))
+def layer_check(ref: dict[str, torch.Tensor], names: list[str], folder: Path, feeds: dict, dtype: str, tol: dict):
+    """``ref``: the PyTorch outputs of ``names`` (``torch_layer_outputs``) on the tokens of ``feeds``."""
+    got = layer_probe(folder, names, dtype, feeds)
     sqnr = {n: error_stats(ref[n], _to_torch(got[f"{n}.out"]))["sqnr_db"] for n in names if f"{n}.out" in got}
     worst = min(sqnr.values()) if sqnr else float("nan")
     return Check("per-layer SQNR (min over lowered linears)", worst, f">= {tol['layer_sqnr_db']} dB",
@@ -115,16 +115,28 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
 
 
-def greedy_check(model, kv_dir: Path, genai_dir: Path | None, prompts: list[list[int]], n_new: int, eos: int | None):
-    """PyTorch greedy tokens vs the KV graph in ORT (and genai when a folder is given): identical required."""
-    kv_runner = OrtRunner(kv_dir)
-    detail, same = {}, True
-    for j, pid in enumerate(prompts):
+def torch_greedy(model, prompts: list[list[int]], n_new: int, eos: int | None) -> list[list[int]]:
+    """PyTorch greedy continuations of ``prompts`` (the reference of ``greedy_check``)."""
+    out = []
+    for pid in prompts:
         x = torch.tensor([pid])
         with torch.no_grad():
-            ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos if eos is not None else 0)[0, len(pid):].tolist()
-        row = {"prompt_len": len(pid), "torch": ref, "onnx_kv": greedy_kv(kv_runner, pid, n_new, eos_token_id=eos)}
+            out.append(model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
+                                      eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+                       [0, len(pid):].tolist())
+    return out
+
+
+def greedy_check(refs: list[list[int]], kv_dir: Path, genai_dir: Path | None, prompts: list[list[int]], n_new: int,
+                 eos: int | None):
+    """PyTorch greedy tokens (``refs``, ``torch_greedy``) vs the KV graph in ORT, then (its session released)
+    through onnxruntime-genai when a folder is given: identical required."""
+    kv_runner = OrtRunner(kv_dir)
+    rows = [{"prompt_len": len(pid), "torch": ref, "onnx_kv": greedy_kv(kv_runner, pid, n_new, eos_token_id=eos)}
+            for pid, ref in zip(prompts, refs)]
+    del kv_runner
+    detail, same = {}, True
+    for j, (pid, ref, row) in enumerate(zip(prompts, refs, rows)):
         ok = row["onnx_kv"] == ref
         if genai_dir is not None:  # genai stops at eos without returning it: compare up to the eos
             row["genai"] = generate_genai(genai_dir, pid, len(ref))
@@ -155,8 +167,19 @@ def verify_onnx(artifact_dir: Path, engine_dir: Path, cfg: ExportConfig = Export
     tol = TOLERANCES[dtype]
     config = read_config(artifact_dir)
     facts = model_facts(config)
-    model, art = load_armor_model(artifact_dir)
     tokens = parity_tokens(cfg.parity_tokens, facts, cfg.parity_seqlen)
+    probe_ids = tokens[:1, : min(64, tokens.shape[1])]
+    eos = token_ids(config, artifact_dir).eos if kv_dir is not None else None
+    eos = eos[0] if eos else None
+    prompts = greedy_prompts(tokens, facts, GEN_TOKENS)
+    # Every PyTorch reference first, then the model is released: one model in memory at a time (the
+    # PyTorch runtime, then each ONNX Runtime session in turn).
+    model, art = load_armor_model(artifact_dir)
+    names = list(art.layers)
+    ref_layers = torch_layer_outputs(model, probe_ids, names) if not dense else {}
+    ref_logits = model_logits(model, tokens)
+    ref_greedy = torch_greedy(model, prompts, GEN_TOKENS, eos) if kv_dir is not None else None
+    del model
     checks: list[Check] = []
     layer_sqnr: dict[str, float] = {}
     try:
@@ -167,19 +190,21 @@ def verify_onnx(artifact_dir: Path, engine_dir: Path, cfg: ExportConfig = Export
         why = f"ONNX Runtime cannot run this {dtype} graph here: {str(e).splitlines()[0][:200]}"
         checks.append(Check("numerical parity", f"skipped: {why}", "n/a", True))
     if runner is not None:
+        got_logits, probe_feeds = engine_logits(runner, tokens), feeds_for(runner, probe_ids)
+        del runner
+        end_to_end = logits_checks(ref_logits, got_logits, tokens, tol)
+        del got_logits
         if not dense:  # dense exports are compared with the artifact only end to end
-            c, layer_sqnr = layer_check(model, list(art.layers), main_dir, runner, dtype,
-                                        tokens[:1, : min(64, tokens.shape[1])], tol)
+            c, layer_sqnr = layer_check(ref_layers, names, main_dir, probe_feeds, dtype, tol)
             checks.append(c)
-        checks += logits_checks(model_logits(model, tokens), engine_logits(runner, tokens), tokens, tol)
+        checks += end_to_end
+    del ref_logits, ref_layers
     if kv_dir is not None:
-        eos = token_ids(config, artifact_dir).eos
-        checks.append(greedy_check(model, kv_dir, genai_dir, greedy_prompts(tokens, facts, GEN_TOKENS), GEN_TOKENS,
-                                   eos[0] if eos else None))
+        checks.append(greedy_check(ref_greedy, kv_dir, genai_dir, prompts, GEN_TOKENS, eos))
     poly = {}
     for folder in {d for d in (logits_dir, kv_dir) if d is not None}:
         if not dense:
-            checks.append(s_check(folder / "model.onnx", len(art.layers), folder.name))
+            checks.append(s_check(folder / "model.onnx", len(names), folder.name))
         poly[folder.name] = polygraphy_sparsity(folder / "model.onnx")
     meta_out = {"engine_dir": str(engine_dir), "artifact": str(artifact_dir), "dtype": dtype, "dense": dense,
                 "family": facts.family.name, "sliding_windows": list(facts.windows), "tolerances": tol,

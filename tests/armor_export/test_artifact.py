@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from armor_export.artifact import (FACTORS_FILE, MANIFEST, ArtifactError, LayerFactors, load_artifact,
-                                   read_manifest, save_artifact)
+from armor_export.artifact import (FACTORS_INDEX, MANIFEST, ArtifactError, LayerFactors, load_artifact,
+                                   read_manifest, shard_name, save_artifact)
 from armor_export.fsutil import atomic_dir, stale_temporaries
 from solver.factors import Factorization
 from solver.sparsity import mask_24, unpack_24
@@ -57,7 +57,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 
 def test_written_bytes_are_compact_24_with_positive_zeros(tmp_path):
     path = _save(tmp_path, _layers())
-    tensors = load_file(str(path / FACTORS_FILE))
+    tensors = load_file(str(path / shard_name(1, 1)))
     name = "model.layers.0.mlp.down_proj"
     values, meta = tensors[f"{name}.S_values"], tensors[f"{name}.S_meta"]
     assert values.shape == (20, 6) and meta.shape == (20, 2) and meta.dtype == torch.uint8
@@ -72,7 +72,9 @@ def test_manifest_records_layers_and_hashes(tmp_path):
     entry = man["layers"]["model.layers.0.mlp.down_proj"]
     assert entry["shape"] == [20, 12] and entry["block_size"] == 4 and entry["has_bias"]
     assert man["layers"]["model.layers.0.mlp.up_proj"]["block_size"] is None
-    assert set(man["files"]) == {"factors.safetensors", "base.safetensors", "config.json"}  # every file (v2)
+    assert set(man["files"]) == {FACTORS_INDEX, shard_name(1, 1), "base.safetensors", "config.json"}  # every file
+    index = json.loads((tmp_path / "art" / FACTORS_INDEX).read_text())
+    assert index["weight_map"]["model.layers.0.mlp.down_proj.A_blocks"] == shard_name(1, 1)
 
 
 def test_other_format_version_is_rejected(tmp_path):
@@ -86,11 +88,11 @@ def test_other_format_version_is_rejected(tmp_path):
 
 def test_flipped_byte_names_the_file(tmp_path):
     path = _save(tmp_path, _layers())
-    f = path / FACTORS_FILE
+    f = path / shard_name(1, 1)
     data = bytearray(f.read_bytes())
     data[-3] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="factors.safetensors: sha256 does not match"):
+    with pytest.raises(ArtifactError, match="factors-00001-of-00001.safetensors: sha256 does not match"):
         load_artifact(path)
 
 

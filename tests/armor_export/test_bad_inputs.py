@@ -210,7 +210,8 @@ def test_engine_library_missing(capsys, mag_artifact, tmp_path):
 # ---- artifacts -------------------------------------------------------------------------------------
 
 def test_artifact_flipped_byte_and_truncation_name_the_file(mag_artifact, tmp_path):
-    for name in ("factors.safetensors", "base.safetensors"):
+    for name in ("factors-00001-of-", "base.safetensors", "factors.index.json"):
+        name = next(p.name for p in mag_artifact.iterdir() if p.name.startswith(name))
         for how in ("flip", "truncate"):
             a = tmp_path / f"{name}-{how}"
             shutil.copytree(mag_artifact, a)
