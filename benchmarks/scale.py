@@ -134,7 +134,8 @@ def solve_times(bs: list[int], iterations: int, d_out: int = 4096, d_in: int = 1
             row[its] = (time.perf_counter() - t0, time.process_time() - c0)
         per_wall = (row[iterations][0] - row[0][0]) / iterations
         per_cpu = (row[iterations][1] - row[0][1]) / iterations
-        out[b] = {"setup_wall_s": round(row[0][0], 2), "setup_cpu_s": round(row[0][1], 2), "wall_s_per_iteration": round(per_wall, 3),
+        out[b] = {"setup_wall_s": round(row[0][0], 2), "setup_cpu_s": round(row[0][1], 2),
+                  "wall_s_per_iteration": round(per_wall, 3),
                   "cpu_s_per_iteration": round(per_cpu, 3), "iterations": iterations}
         print(f"b={b}: {out[b]}", flush=True)
     return out
