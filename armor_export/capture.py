@@ -5,6 +5,16 @@ caught with a pre-hook); each block then runs on the cached hidden states with f
 its linears feeding ``solver.stats`` accumulators. Linears that read the same activation (q/k/v,
 gate/up) share one accumulator. Peak memory is one block's activations plus the hidden states.
 
+Device: ``device`` (the solver's ``--device``) is where the forward passes and the accumulators run. The model
+stays where it was loaded; each block is moved there for its pass and back after (layer by layer, so a model
+larger than the device's memory calibrates too), the hidden states live there between blocks, and each layer's
+statistics are moved back to the CPU once, when the block is done. The CPU path is the same code with
+``device="cpu"`` (no copies then).
+
+Split calibration: ``reduce(accumulators)`` (``shard.all_reduce_accumulators`` under torchrun) is called on
+each block's accumulators before their statistics are read, so ranks that each ran a share of the windows
+end with the statistics of all of them.
+
 Two modes:
   dense       (the paper's) every block sees the dense model's activations;
   sequential  (Wanda/SparseGPT style) after a block is pruned it is re-run, so later blocks see the
@@ -12,6 +22,7 @@ Two modes:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Collection, Iterator
 
 import torch
@@ -22,20 +33,51 @@ from armor_export.adapters import Family
 from solver.stats import LayerStats, accumulator
 
 MODES = ("dense", "sequential")
+Reduce = Callable[[list], None]  # in place, on one block's accumulators
 
 
 class _Caught(Exception):
     pass
 
 
-def block_inputs(model: nn.Module, family: Family, token_ids: torch.Tensor, batch_size: int):
-    """Hidden states entering block 0 (list of [bs, T, d] tensors) and the shared block kwargs."""
+def to_device(obj, device):
+    """``obj`` with every tensor in it (nested tuples, lists, dicts) on ``device``; anything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def on_device(block: nn.Module, device):
+    """``block`` moved to ``device`` for the ``with`` body and back to where its weights were after (also on
+    error); nothing moves when it is already there."""
+    first = next(iter(block.parameters()), None)
+    home = None if first is None else first.device
+    if home is None or home == torch.device(device):
+        yield block
+        return
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+def block_inputs(model: nn.Module, family: Family, token_ids: torch.Tensor, batch_size: int, device=None):
+    """Hidden states entering block 0 (list of [bs, T, d] tensors, on ``device``: default where the model's
+    embeddings are) and the shared block kwargs (on ``device`` too). The part before block 0 runs where it was
+    loaded (embeddings: a lookup)."""
     layers = model.get_submodule(family.layers_path)
     hiddens: list[torch.Tensor] = []
     caught: dict = {}
 
     def hook(_module, args, kwargs):
-        hiddens.append(args[0] if args else kwargs.pop("hidden_states"))
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hiddens.append(h if device is None else h.to(device))
         caught.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Caught
 
@@ -51,7 +93,7 @@ def block_inputs(model: nn.Module, family: Family, token_ids: torch.Tensor, batc
         handle.remove()
     caught["use_cache"] = False
     caught.pop("past_key_values", None)
-    return hiddens, caught
+    return hiddens, (caught if device is None else to_device(caught, device))
 
 
 def run_block(block: nn.Module, hiddens: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
@@ -83,57 +125,71 @@ def block_targets(family: Family, i: int, targets: Collection[str] | None) -> se
 
 
 def block_stats(block: nn.Module, family: Family, hiddens: list[torch.Tensor], kwargs: dict, *,
-                full: bool, hessian_block: int | None = None, targets: Collection[str] | None = None
-                ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+                full: bool, hessian_block: int | None = None, targets: Collection[str] | None = None,
+                device=None, reduce: Reduce | None = None) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
     """Statistics of one block's target linears (local names; ``targets`` None: every linear of the family) and
     the block's outputs: h, plus the full H (``full``) or only its ``hessian_block`` x ``hessian_block`` diagonal
     blocks. A shared input is accumulated once when any linear reading it is a target, never otherwise (an
-    ignored linear costs no statistics, and its width need not suit the block size)."""
+    ignored linear costs no statistics, and its width need not suit the block size).
+    ``device``: where the block runs and the accumulators live (default: where the hidden states are); the
+    statistics come back on the CPU. ``reduce``: called on the block's accumulators (in ``family.shared_inputs``
+    order) before they are read, e.g. to sum them over ranks."""
+    if device is None:
+        device = hiddens[0].device if hiddens else torch.device("cpu")
     accs, handles = {}, []
     for group in family.shared_inputs:
         if targets is not None and not any(n in targets for n in group):
             continue
         lin = block.get_submodule(group[0])
         d_in = lin.in_features
-        acc = accumulator(d_in, full=full, hessian_block=hessian_block)
+        acc = accumulator(d_in, full=full, hessian_block=hessian_block, device=device)
         for name in group:
             if targets is None or name in targets:
                 accs[name] = acc
         handles.append(lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
     try:
-        outs = run_block(block, hiddens, kwargs)
+        with on_device(block, device):
+            outs = run_block(block, hiddens, kwargs)
     finally:
         for h in handles:
             h.remove()
-    stats = {}
-    for name, acc in accs.items():
-        stats[name] = LayerStats(h=acc.h, n_tokens=acc.n, H=getattr(acc, "H", None), dropped_tokens=acc.dropped,
-                                 H_blocks=getattr(acc, "H_blocks", None))
-    return stats, outs
+    unique = list({id(a): a for a in accs.values()}.values())
+    if reduce is not None:
+        reduce(unique)
+    host = {id(a): _host_stats(a) for a in unique}  # one copy to the CPU per accumulator, shared by its linears
+    return {name: host[id(acc)] for name, acc in accs.items()}, outs
+
+
+def _host_stats(acc) -> LayerStats:
+    H, Hb = getattr(acc, "H", None), getattr(acc, "H_blocks", None)
+    return LayerStats(h=acc.h.cpu(), n_tokens=acc.n, H=None if H is None else H.cpu(), dropped_tokens=acc.dropped,
+                      H_blocks=None if Hb is None else Hb.cpu())
 
 
 def iterate_blocks(model: nn.Module, family: Family, token_ids: torch.Tensor, *, full: bool, mode: str,
                    batch_size: int = 8, hessian_block: int | None = None,
                    prune_block: Callable[[int, nn.Module, dict[str, LayerStats]], None] | None = None,
-                   progress: bool = True, targets: Collection[str] | None = None
-                   ) -> Iterator[tuple[int, dict[str, LayerStats]]]:
+                   progress: bool = True, targets: Collection[str] | None = None, device=None,
+                   reduce: Reduce | None = None) -> Iterator[tuple[int, dict[str, LayerStats]]]:
     """Yield (block index, {local linear name: LayerStats}) for every decoder block; with ``targets`` (fully
     qualified names) only the statistics of those linears are built.
 
     In sequential mode ``prune_block(i, block, stats)`` must replace the block's linears; the block
-    is then re-run to produce the next block's inputs."""
+    is then re-run to produce the next block's inputs. ``device``/``reduce``: see the module docstring (default:
+    where the model is, no reduction)."""
     if mode not in MODES:
         raise ValueError(f"capture mode must be one of {MODES}, got {mode!r}")
     if mode == "sequential" and prune_block is None:
         raise ValueError("sequential capture needs a prune_block callback")
     layers = model.get_submodule(family.layers_path)
-    hiddens, kwargs = block_inputs(model, family, token_ids, batch_size)
+    hiddens, kwargs = block_inputs(model, family, token_ids, batch_size, device)
     for i in tqdm(range(len(layers)), desc=f"calibrate ({mode})", disable=not progress):
         block = layers[i]
         stats, outs = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block,
-                                  targets=block_targets(family, i, targets))
+                                  targets=block_targets(family, i, targets), device=device, reduce=reduce)
         yield i, stats
         if mode == "sequential":
             prune_block(i, block, stats)
-            outs = run_block(block, hiddens, kwargs)
+            with on_device(block, device or (hiddens[0].device if hiddens else "cpu")):
+                outs = run_block(block, hiddens, kwargs)
         hiddens = outs

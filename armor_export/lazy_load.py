@@ -154,32 +154,32 @@ def _rebuild_meta_buffers(model: nn.Module, config, prefix: str) -> None:
         raise UnsupportedModel(f"layer-by-layer loading left {left[:5]} unloaded")
 
 
-def materialize(block: nn.Module, ckpt: Checkpoint, prefix: str) -> nn.Module:
-    """Fill a meta decoder layer with its weights from the checkpoint (in place)."""
+def materialize(block: nn.Module, ckpt: Checkpoint, prefix: str, device="cpu") -> nn.Module:
+    """Fill a meta decoder layer with its weights from the checkpoint (in place), on ``device``."""
     names = list(block.state_dict().keys())
     if any(b.is_meta for n, b in block.named_buffers() if n not in names):
         raise UnsupportedModel(f"{prefix}: decoder layer has non-persistent buffers; use the full-model load")
     tensors = ckpt.read([prefix + n for n in names])
-    block.to_empty(device="cpu")
+    block.to_empty(device=device)
     block.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True)
     return block
 
 
 def iterate_blocks_lazy(model: nn.Module, ckpt: Checkpoint, family: Family, token_ids: torch.Tensor, *,
                         full: bool, batch_size: int = 8, last: int | None = None, hessian_block: int | None = None,
-                        progress: bool = True, targets: Collection[str] | None = None
-                        ) -> Iterator[tuple[int, dict[str, LayerStats]]]:
+                        progress: bool = True, targets: Collection[str] | None = None, device="cpu",
+                        reduce=None) -> Iterator[tuple[int, dict[str, LayerStats]]]:
     """Like ``capture.iterate_blocks`` in dense mode (statistics of ``targets`` only), holding one decoder layer
-    at a time.
+    at a time, built directly on ``device`` (``reduce``: as there).
     ``last``: stop after this block (nothing later is needed)."""
     layers = model.get_submodule(family.layers_path)
-    hiddens, kwargs = block_inputs(model, family, token_ids, batch_size)
+    hiddens, kwargs = block_inputs(model, family, token_ids, batch_size, device)
     n = len(layers) if last is None else last + 1
     for i in tqdm(range(n), desc="calibrate (layer by layer)", disable=not progress):
-        block = materialize(layers[i], ckpt, f"{family.layers_path}.{i}.")
+        block = materialize(layers[i], ckpt, f"{family.layers_path}.{i}.", device)
         try:
             stats, hiddens = block_stats(block, family, hiddens, kwargs, full=full, hessian_block=hessian_block,
-                                         targets=block_targets(family, i, targets))
+                                         targets=block_targets(family, i, targets), device=device, reduce=reduce)
         finally:
             block.to("meta")
         yield i, stats

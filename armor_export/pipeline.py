@@ -12,6 +12,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from armor_export.evaluate import perplexity
 from armor_export.fsutil import check_output, output_lock, read_marker
 from armor_export.models import load_model, load_tokenizer, model_id, read_family, resolve_model
 from armor_export.resume import LayerStore, model_fingerprint
-from armor_export.shard import DistContext, assign, chunks, layer_cost
+from armor_export.shard import DistContext, all_reduce_accumulators, assign, chunks, layer_cost, window_share
 from solver.blockdiag import check_block_size
 from solver.config import SolverConfig
 from solver.methods import Problem, get_method, solve, stats_needed, stats_request
@@ -112,27 +113,36 @@ def prunable(loaded: Loaded, solver_cfg: SolverConfig, ignore: tuple[str, ...] =
 
 
 def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, full: bool, batch_size: int = 8,
-                  progress: bool = True, hessian_block: int | None = None) -> dict[str, LayerStats]:
+                  progress: bool = True, hessian_block: int | None = None, device="cpu",
+                  dist: DistContext | None = None, keep: Collection[str] | None = None) -> dict[str, LayerStats]:
     """Dense one-pass statistics for ``names`` only (the paper's calibration): h, and the full H (``full``) or
-    its ``hessian_block``-wide diagonal blocks. Linears outside ``names`` (``--ignore``) get no accumulator."""
+    its ``hessian_block``-wide diagonal blocks. Linears outside ``names`` (``--ignore``) get no accumulator.
+    ``device``: where the forward passes and accumulators run (the statistics are returned on the CPU).
+    ``dist`` with world > 1: this rank runs its ``window_share`` of the windows and the statistics are
+    all-reduced block by block (every rank must pass the same ``names``); ``keep``: return only these."""
     wanted, stats = set(names), {}
     if not names:
         return stats
+    keep = wanted if keep is None else set(keep)
+    token_ids, reduce = tokens.token_ids, None
+    if dist is not None and dist.world > 1:
+        token_ids = token_ids[window_share(token_ids.shape[0], batch_size, dist.rank, dist.world)]
+        reduce = all_reduce_accumulators
     last = max(split_name(loaded.family, n)[0] for n in names)  # later blocks are not needed
     if loaded.lazy is not None:
         from armor_export.lazy_load import iterate_blocks_lazy
 
-        blocks = iterate_blocks_lazy(loaded.model, loaded.lazy, loaded.family, tokens.token_ids, full=full,
+        blocks = iterate_blocks_lazy(loaded.model, loaded.lazy, loaded.family, token_ids, full=full,
                                      batch_size=batch_size, last=last, progress=progress,
-                                     hessian_block=hessian_block, targets=wanted)
+                                     hessian_block=hessian_block, targets=wanted, device=device, reduce=reduce)
     else:
-        blocks = iterate_blocks(loaded.model, loaded.family, tokens.token_ids, full=full, mode="dense",
+        blocks = iterate_blocks(loaded.model, loaded.family, token_ids, full=full, mode="dense",
                                 batch_size=batch_size, progress=progress, hessian_block=hessian_block,
-                                targets=wanted)
+                                targets=wanted, device=device, reduce=reduce)
     for i, bstats in blocks:
         for local, st in bstats.items():
             fqn = f"{loaded.family.layers_path}.{i}.{local}"
-            if fqn in wanted:
+            if fqn in keep:
                 stats[fqn] = st
         if i >= last:
             break
@@ -208,7 +218,7 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
     try:
         for _ in iterate_blocks(loaded.model, fam, tokens.token_ids, mode="sequential",
                                 batch_size=calib.batch_size, prune_block=prune_block, progress=progress,
-                                targets=names, **request):
+                                targets=names, device=solver_cfg.device, **request):
             pass
     finally:
         for n, module in originals.items():
@@ -326,7 +336,10 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
     elif calib.mode == "sequential":
         solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
     else:
-        stats = collect_stats(loaded, mine, tokens, batch_size=calib.batch_size, progress=progress,
+        # one process: statistics of its own layers only; ranks: every rank a share of the windows for all
+        # the layers still to solve, pooled block by block, each keeping its own
+        stats = collect_stats(loaded, todo if dist.world > 1 else mine, tokens, batch_size=calib.batch_size,
+                              progress=progress, device=solver_cfg.device, dist=dist, keep=mine,
                               **stats_request(solver_cfg))
         calib_seconds = time.perf_counter() - t_cal
         solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress, keep=False)

@@ -1,8 +1,11 @@
 """Distributed solve: which rank solves which layer, and the torch.distributed plumbing.
 
 ``torchrun --nproc-per-node N -m armor_export prune ...`` starts N copies of the CLI. Each rank
-  1. loads the model and computes the calibration statistics itself (no communication; every rank
-     gets bit-identical statistics because the computation is deterministic and identical),
+  1. loads the model and runs the calibration forward passes on its share of the windows
+     (``window_share``: whole batches, so every batch is the one a single process would run); after each
+     block the statistics are all-reduced (``all_reduce_accumulators``: sums of count-weighted means and
+     counts, in fp64) and each rank keeps those of the layers it solves. The pooled mean equals the single
+     process's running mean up to rounding (a few fp32 ulps; the tolerance is tested), not bit for bit;
   2. solves the layers ``assign`` gives it, checkpointing each finished chunk into the shared
      resume store (``armor_export.resume``),
   3. meets the others at a barrier; rank 0 then reads every layer from the store and writes the
@@ -40,6 +43,35 @@ def assign(costs: dict[str, int], world: int) -> list[list[str]]:
         shards[r].append(name)
         load[r] += costs[name]
     return [sorted(s, key=order.__getitem__) for s in shards]
+
+
+def window_share(n_windows: int, batch_size: int, rank: int, world: int) -> slice:
+    """This rank's windows for calibration: a contiguous run of whole batches of ``batch_size``, the batches
+    spread as evenly as possible, earlier ranks first (a late rank gets none when there are fewer batches than
+    ranks)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be > 0, got {batch_size}")
+    n_batches = -(-n_windows // batch_size)
+    first, stop = -(-n_batches * rank // world), -(-n_batches * (rank + 1) // world)
+    return slice(min(first * batch_size, n_windows), min(stop * batch_size, n_windows))
+
+
+def all_reduce_accumulators(accs: list) -> None:
+    """Pool ``solver.stats`` accumulators over every rank, in place: each moment becomes
+    sum_r n_r . mean_r / sum_r n_r (computed in fp64, stored back in fp32) and the counts the sums of the
+    ranks' counts. Every rank must call it with the same accumulators in the same order."""
+    if not accs:
+        return
+    dist = torch.distributed
+    device = accs[0].h.device
+    counts = torch.tensor([[a.n, a.dropped] for a in accs], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    for a, (n, dropped) in zip(accs, counts.tolist()):
+        for t in a.moments():
+            total = t.to(torch.float64).mul_(a.n)
+            dist.all_reduce(total)
+            t.copy_(total.div_(n) if n else total)
+        a.set_count(n, dropped)
 
 
 def chunks(names: list[str], shapes: dict[str, tuple], max_chunk: int) -> list[list[str]]:

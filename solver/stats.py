@@ -4,6 +4,8 @@ Both accumulators keep a count-weighted running mean, exact for any split into b
     h <- h . n/(n+m) + (2/(n+m)) . sum_t x_t^2           (DiagAccumulator, h = diag(2 X^T X / N))
     H <- H . n/(n+m) + (2/(n+m)) . X_new^T X_new          (HessianAccumulator, H = 2 X^T X / N)
 Non-finite activations are counted and excluded (their tokens are dropped), never averaged in.
+Accumulators split over several processes (each a share of the tokens) are pooled exactly by the same rule:
+mean = sum_r n_r . mean_r / sum_r n_r over their ``moments()`` (``armor_export.shard.all_reduce_accumulators``).
 """
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ class DiagAccumulator:
         self.h.mul_(self.n / total).add_(X.pow(2).sum(0), alpha=2.0 / total)
         self.n = total
 
+    def moments(self) -> list[torch.Tensor]:
+        """The running means this accumulator holds (the tensors themselves: pooling updates them in place)."""
+        return [self.h]
+
+    def set_count(self, n: int, dropped: int) -> None:
+        """After pooling: the tokens behind the pooled means."""
+        self.n, self.dropped = int(n), int(dropped)
+
 
 class HessianAccumulator:
     """H = 2 X^T X / N over every token seen, and h accumulated exactly as DiagAccumulator does.
@@ -66,6 +76,12 @@ class HessianAccumulator:
     @property
     def h(self) -> torch.Tensor:
         return self._diag.h
+
+    def moments(self) -> list[torch.Tensor]:
+        return [self.H, self.h]
+
+    def set_count(self, n: int, dropped: int) -> None:
+        self._diag.set_count(n, dropped)
 
     def add(self, x: torch.Tensor) -> None:
         X, dropped = _flatten_finite(x)
@@ -95,6 +111,9 @@ class BlockHessianAccumulator(HessianAccumulator):
     @property
     def H(self) -> None:
         return None
+
+    def moments(self) -> list[torch.Tensor]:
+        return [self.H_blocks, self.h]
 
     def _update(self, X: torch.Tensor, keep: float, alpha: float) -> None:
         Xb = X.view(X.shape[0], -1, self.b).transpose(0, 1)  # [n1, m, b]
