@@ -1,6 +1,6 @@
 """The versioned factor artifact: what solving produces and every engine reads.
 
-Layout of an artifact directory (format ``armor-export/factors``, version 2; schema in armor_export.manifest):
+Layout of an artifact directory (format ``armor-export/factors``, version 3; schema in armor_export.manifest):
   manifest.json          format, version, source model, method and solver options, calibration
                          provenance (sha256), per-layer shape / block size / losses / status / time,
                          sha256 of every other file of the artifact (``files``), library versions
@@ -16,7 +16,9 @@ Layout of an artifact directory (format ``armor-export/factors``, version 2; sch
   .armor-export.json     the ownership marker (armor_export.fsutil)
 The normaliser is folded into A and B. No pickles anywhere; loading verifies the manifest's digest,
 schema and version and every file's hash, and fails with the file's (and layer's) name on any mismatch.
-Version-1 artifacts (only the tensor files hashed, no digest) are still read.
+Version-1 artifacts (only the tensor files hashed, no digest) and version-2 ones (no ``groups``) are still read.
+Fused groups (version 3, ``--fuse``): the members are stored as ordinary layers holding the same B_blocks;
+the manifest's ``groups`` names them, and loading checks that their B is indeed shared.
 """
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ class Artifact:
     manifest: dict
     layers: dict[str, LayerFactors]
     base: dict[str, torch.Tensor]
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Fused groups: fused fqn -> member fqns in stacking order (empty for unfused and v1/v2 artifacts)."""
+        return {g: tuple(r["members"]) for g, r in self.manifest.get("groups", {}).items()}
 
 
 def layer_tensors(name: str, lf: LayerFactors) -> dict[str, torch.Tensor]:
@@ -225,7 +232,19 @@ def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
         check_files(path, man)
     tensors = _load_tensors(path / FACTORS_FILE)
     base = _load_tensors(path / BASE_FILE)
-    return Artifact(path, man, layers_from_tensors(tensors, man["layers"], str(path / FACTORS_FILE)), base)
+    layers = layers_from_tensors(tensors, man["layers"], str(path / FACTORS_FILE))
+    check_shared_b(layers, man.get("groups", {}), str(path / FACTORS_FILE))
+    return Artifact(path, man, layers, base)
+
+
+def check_shared_b(layers: dict[str, LayerFactors], groups: dict, where: str) -> None:
+    """The members of every fused group hold one and the same B (they were solved as one stacked layer)."""
+    from solver.fused import shares_input_factor
+
+    for g, rec in groups.items():
+        if not shares_input_factor([layers[m].factors for m in rec["members"]]):
+            raise ArtifactError(f"{where}: the members of fused group {g} ({', '.join(rec['members'])}) do not hold "
+                                f"the same B_blocks and block size; the artifact is inconsistent: re-create it")
 
 
 def build_base_model(art: Artifact, *, dtype: torch.dtype = torch.float32):
