@@ -139,8 +139,8 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
     g.add_argument("--fuse", type=fuse_kinds, default=(), metavar="GROUPS",
                    help="solve each q/k/v (qkv) and/or gate/up (gate_up) group as ONE stacked layer with a shared "
-                        "input factor B, e.g. --fuse qkv,gate_up; the engines then run it as one fused linear and "
-                        "a split. Default none (every projection its own B)")
+                        "input factor B, e.g. --fuse qkv,gate_up; the PyTorch runtime runs it as one fused linear and "
+                        "a split (the other engines, for now, as separate linears sharing B). Default none (every projection its own B)")
 
 
 def fuse_kinds(spec: str) -> tuple[str, ...]:
