@@ -125,6 +125,39 @@ def target_names(family: Family, num_layers: int, ignore: tuple[str, ...] = ()) 
     return [n for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in ignore)]
 
 
+# --fuse kinds: the separate projections of a family's ``fusable`` group -> the fused module name
+FUSE_KINDS = {"qkv": (ATTN[:3], QKV_FUSED), "gate_up": (MLP[:2], GATE_UP_FUSED)}
+
+
+def parse_fuse(spec: str | None) -> tuple[str, ...]:
+    """'qkv,gate_up' -> ('qkv', 'gate_up'); 'none' or '' -> (); an unknown kind is one clear error."""
+    kinds = tuple(dict.fromkeys(k.strip() for k in (spec or "").split(",") if k.strip()))
+    if kinds == ("none",):
+        return ()
+    bad = [k for k in kinds if k not in FUSE_KINDS]
+    if bad:
+        raise ValueError(f"--fuse {spec}: unknown group {bad[0]!r}; choose from {', '.join(FUSE_KINDS)} "
+                         f"(comma-separated) or 'none'")
+    return kinds
+
+
+def fuse_groups(family: Family, names: list[str], kinds: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Fused fqn -> member fqns (in stacking order) for every group of ``kinds`` the family has
+    (``Family.fusable``) whose members are all in ``names`` (a group with an ``--ignore``d member stays
+    unfused). Families whose model is already fused (Phi-3) have no fusable groups: nothing to do."""
+    wanted = set(names)
+    groups: dict[str, tuple[str, ...]] = {}
+    for n in names:
+        i, local = split_name(family, n)
+        for kind in kinds:
+            members, fused = FUSE_KINDS[kind]
+            if members in family.fusable and local == members[0]:
+                fqns = tuple(f"{family.layers_path}.{i}.{m}" for m in members)
+                if all(m in wanted for m in fqns):
+                    groups[f"{family.layers_path}.{i}.{fused}"] = fqns
+    return groups
+
+
 def split_name(family: Family, fqn: str) -> tuple[int, str]:
     """'model.layers.3.mlp.down_proj' -> (3, 'mlp.down_proj')."""
     rest = fqn[len(family.layers_path) + 1:]

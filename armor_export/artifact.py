@@ -26,6 +26,8 @@ hashed and no digest) are still read.
 Reading is lazy: ``Artifact.layers`` and ``Artifact.base`` are mappings that read one layer's (one
 tensor's) data from its shard when asked (safetensors ``safe_open``), so a stage that walks the
 layers holds one layer's factors at a time.
+Fused groups (``--fuse``): the members are stored as ordinary layers holding the same B_blocks; the
+manifest's ``groups`` names them, and loading checks that their B is indeed shared.
 """
 from __future__ import annotations
 
@@ -70,6 +72,11 @@ class Artifact:
     manifest: dict
     layers: Mapping[str, LayerFactors]  # LazyLayers: one layer read per access
     base: Mapping[str, torch.Tensor]  # LazyTensors: one tensor read per access
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Fused groups: fused fqn -> member fqns in stacking order (empty for unfused and v1/v2 artifacts)."""
+        return {g: tuple(r["members"]) for g, r in self.manifest.get("groups", {}).items()}
 
 
 def shard_name(i: int, n: int) -> str:
@@ -371,8 +378,20 @@ def load_artifact(path: Path, *, verify: bool = True) -> Artifact:
     if verify:
         check_files(path, man)
     layers = LazyLayers(path, man["layers"], factor_files(path, man))
+    check_shared_b(layers, man.get("groups", {}), str(path / FACTORS_INDEX))
     base = LazyTensors(path, dict.fromkeys(tensor_keys(path / BASE_FILE), BASE_FILE))
     return Artifact(path, man, layers, base)
+
+
+def check_shared_b(layers: Mapping[str, LayerFactors], groups: dict, where: str) -> None:
+    """The members of every fused group hold one and the same B (they were solved as one stacked layer);
+    read one group at a time."""
+    from solver.fused import shares_input_factor
+
+    for g, rec in groups.items():
+        if not shares_input_factor([layers[m].factors for m in rec["members"]]):
+            raise ArtifactError(f"{where}: the members of fused group {g} ({', '.join(rec['members'])}) do not hold "
+                                f"the same B_blocks and block size; the artifact is inconsistent: re-create it")
 
 
 def shard_of(path: Path, layer: str) -> str:

@@ -137,6 +137,19 @@ def _add_solver(p: argparse.ArgumentParser, default_method: str = "armor") -> No
     g.add_argument("--device", type=device, default="cpu", help="device for the solver math (cpu, cuda)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="do not prune linears whose name matches (repeatable), e.g. 'model.layers.0.*'")
+    g.add_argument("--fuse", type=fuse_kinds, default=(), metavar="GROUPS",
+                   help="solve each q/k/v (qkv) and/or gate/up (gate_up) group as ONE stacked layer with a shared "
+                        "input factor B, e.g. --fuse qkv,gate_up; the PyTorch runtime runs it as one fused linear and "
+                        "a split (the other engines, for now, as separate linears sharing B). Default none (every projection its own B)")
+
+
+def fuse_kinds(spec: str) -> tuple[str, ...]:
+    from armor_export.adapters import parse_fuse
+
+    try:
+        return parse_fuse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--fuse {spec}: ")) from None
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -249,7 +262,7 @@ def cmd_prune(a) -> int:
     dist = shard.init_from_env(a.device)
     try:
         out = pipeline.prune(a.model, cfg, calib, a.out, ignore=tuple(a.ignore), overwrite=a.overwrite,
-                             resume=a.resume, layerwise=a.layer_by_layer, dist=dist)
+                             resume=a.resume, layerwise=a.layer_by_layer, dist=dist, fuse=a.fuse)
         if dist.main:
             report.print_artifact(out)
     finally:
@@ -379,7 +392,7 @@ def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfgs) -> int:
     summary["dense"] = score(loaded.model, texts, desc="perplexity (dense)", what=str(loaded.folder))
     _stage_done(summary, "dense eval")
     art = pipeline.prune(a.model, scfg, ccfg, out / "artifact", ignore=tuple(a.ignore),
-                         overwrite=True, loaded=loaded)
+                         overwrite=True, loaded=loaded, fuse=a.fuse)
     del loaded
     _stage_done(summary, "prune")
     model, _, _ = pipeline.load_artifact_model(art)

@@ -1,8 +1,12 @@
 """The artifact manifest's schema and its digest: every field the readers rely on is checked here, so a
 removed or retyped field is one clear ``ArtifactError`` naming the field and the file, never a KeyError.
 
-Format version 3 (current): the factors are shards listed by ``factors.index.json`` (armor_export.artifact);
-everything else as version 2. Version 2: ``files`` lists the sha256 of every file of the artifact (tensors, config,
+Format version 3 (current): the factors are shards listed by ``factors.index.json`` (armor_export.artifact),
+and the optional ``groups`` (fused projections: fused fqn -> ``members``, the member linears in stacking order,
+and ``split``, their d_out) with the per-layer ``fused_group``; the members of a group are stored as ordinary
+layers that hold the same B_blocks, so a reader that ignores ``groups`` still runs the model. ``fuse`` records
+the --fuse setting. Everything else as version 2.
+Format version 2: ``files`` lists the sha256 of every file of the artifact (tensors, config,
 tokenizer, templates) and ``manifest.sha256`` (``sha256sum -c`` format) holds the manifest's own digest.
 Version 1 (read, with a note): ``files`` covers only the two tensor files and there is no digest.
 
@@ -31,6 +35,7 @@ TOP = {
     "created_unix": (int, False), "source": (dict, False), "solver_config": (dict, False),
     "calibration": ((dict, type(None)), False), "targets": (list, False), "ignore": (list, False),
     "timing_seconds": (dict, False), "execution": (dict, False), "library_versions": (dict, False),
+    "fuse": (list, False), "groups": (dict, False),
 }
 SOURCE = {"model_id": str, "folder": str, "model_type": str, "family": str}
 LAYER = {
@@ -38,6 +43,7 @@ LAYER = {
     "method": (str, False), "loss_start": (_OPT_NUM, False), "loss_final": (_OPT_NUM, False),
     "iterations": (int, False), "seconds": (_NUM, False), "early_stopped": (bool, False),
     "status": (str, False), "notes": (dict, False), "calib_tokens": (int, False), "dropped_tokens": (int, False),
+    "fused_group": (str, False),
 }
 
 
@@ -143,3 +149,35 @@ def validate(mf: Path, man) -> None:
     if missing:
         raise ArtifactError(f"{mf}: layer {missing[0]} is listed in 'targets' but has no entry in 'layers' "
                             f"({len(missing)} missing); the manifest was edited: re-create the artifact")
+    check_groups(mf, man)
+
+
+def check_groups(mf: Path, man: dict) -> None:
+    """Every group names existing member layers that point back at it, with one split size per member equal
+    to that member's d_out; no layer is in two groups."""
+    seen: dict[str, str] = {}
+    for g, rec in man.get("groups", {}).items():
+        where = f"groups.{g}"
+        _field(mf, where, rec, dict)
+        _fields(mf, rec, {"members": (list, True), "split": (list, True)}, where + ".")
+        members, split = rec["members"], rec["split"]
+        if len(members) < 2 or len(split) != len(members):
+            raise ArtifactError(f"{mf}: field '{where}' needs two or more members and one split size each, found "
+                                f"{len(members)} member(s) and {len(split)} size(s); re-create the artifact")
+        for m, size in zip(members, split):
+            entry = man["layers"].get(m) if isinstance(m, str) else None
+            if entry is None:
+                raise ArtifactError(f"{mf}: field '{where}.members' names {m!r}, which has no entry in 'layers'; "
+                                    f"the manifest was edited: re-create the artifact")
+            if entry.get("fused_group") != g or m in seen:
+                raise ArtifactError(f"{mf}: layer {m} is a member of group {g} but its 'fused_group' is "
+                                    f"{entry.get('fused_group')!r}{' (and it is in ' + seen[m] + ')' if m in seen else ''}; "
+                                    f"the manifest was edited: re-create the artifact")
+            seen[m] = g
+            if not _typed(size, int) or size != entry["shape"][0]:
+                raise ArtifactError(f"{mf}: field '{where}.split' gives {size!r} for {m}, whose d_out is "
+                                    f"{entry['shape'][0]}; the manifest was edited: re-create the artifact")
+    stray = [n for n, e in man["layers"].items() if "fused_group" in e and e["fused_group"] not in man.get("groups", {})]
+    if stray:
+        raise ArtifactError(f"{mf}: layer {stray[0]} names group {man['layers'][stray[0]]['fused_group']!r}, which "
+                            f"is not in 'groups'; the manifest was edited: re-create the artifact")

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from armor_export import __version__
-from armor_export.adapters import Family, split_name, target_names
+from armor_export.adapters import Family, fuse_groups, split_name, target_names
 from armor_export.artifact import LayerFactors, finish_artifact
 from armor_export.calibration import TokenWindows, document_windows, windows
 from armor_export.capture import iterate_blocks
@@ -32,6 +32,7 @@ from armor_export.resume import LayerStore, model_fingerprint
 from armor_export.shard import DistContext, all_reduce_accumulators, assign, chunks, layer_cost, window_share
 from solver.blockdiag import check_block_size
 from solver.config import SolverConfig
+from solver.fused import split_factorization
 from solver.methods import Problem, get_method, solve, stats_needed, stats_request
 from solver.sparsity import check_24_shape
 from solver.stats import LayerStats
@@ -149,8 +150,43 @@ def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, ful
     return stats
 
 
-def _problems(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] | None) -> list[Problem]:
-    return [Problem(n, weight_of(loaded, n), None if stats is None else stats[n]) for n in names]
+Groups = dict[str, tuple[str, ...]]  # fused fqn -> member fqns (armor_export.adapters.fuse_groups)
+
+
+def solve_units(names: list[str], groups: Groups | None) -> dict[str, tuple[str, ...]]:
+    """What is solved as one layer: unit name -> its members, in ``names`` order. A fused group whose
+    members are all in ``names`` is one unit under its fused name; every other linear is its own unit."""
+    member_of = {m: g for g, ms in (groups or {}).items() for m in ms}
+    wanted, units = set(names), {}
+    for n in names:
+        g = member_of.get(n)
+        if g is None:
+            units[n] = (n,)
+        elif g not in units and all(m in wanted for m in groups[g]):
+            units[g] = groups[g]
+        elif g not in units:
+            units[n] = (n,)
+    return units
+
+
+def unit_shape(loaded: Loaded, members: tuple[str, ...]) -> tuple[int, int]:
+    shapes = [tuple(loaded.model.get_submodule(m).weight.shape) for m in members]
+    return sum(s[0] for s in shapes), shapes[0][1]
+
+
+def stats_names(names: list[str], groups: Groups | None) -> list[str]:
+    """The linears whose input statistics are collected: one per fused group (its first member; the
+    members read the same activation), every unfused one."""
+    return [ms[0] for ms in solve_units(names, groups).values()]
+
+
+def _problems(loaded: Loaded, units: dict[str, tuple[str, ...]], names: list[str],
+              stats: dict[str, LayerStats] | None) -> list[Problem]:
+    def weight(members):
+        return weight_of(loaded, members[0]) if len(members) == 1 else \
+            torch.cat([weight_of(loaded, m) for m in members], dim=0)
+
+    return [Problem(n, weight(units[n]), None if stats is None else stats[units[n][0]]) for n in names]
 
 
 def _layer_factors(loaded: Loaded, name: str, result, method: str, stats: LayerStats | None) -> LayerFactors:
@@ -162,24 +198,42 @@ def _layer_factors(loaded: Loaded, name: str, result, method: str, stats: LayerS
     return LayerFactors(f, bias_of(loaded, name), info)
 
 
+def _member_factors(loaded: Loaded, unit: str, members: tuple[str, ...], result, method: str,
+                    stats: LayerStats | None) -> dict[str, LayerFactors]:
+    """A solved unit as per-member LayerFactors: a fused group's factorization is split (rows of S, whole
+    blocks of A, the shared B; solver.fused), every member's entry naming its group."""
+    lf = _layer_factors(loaded, unit if len(members) == 1 else members[0], result, method, stats)
+    if len(members) == 1:
+        return {unit: lf}
+    sizes = [loaded.model.get_submodule(m).weight.shape[0] for m in members]
+    parts = split_factorization(lf.factors, sizes)
+    return {m: LayerFactors(f, bias_of(loaded, m), {**lf.info, "fused_group": unit})
+            for m, f in zip(members, parts)}
+
+
 def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] | None,
                 solver_cfg: SolverConfig, store: LayerStore | None = None, *,
-                progress: bool = False, keep: bool = True) -> dict[str, LayerFactors]:
+                progress: bool = False, keep: bool = True, groups: Groups | None = None) -> dict[str, LayerFactors]:
     """Solve ``names`` in chunks of same-shaped layers (``shard.chunks``); each finished chunk is
     checkpointed into ``store`` when given (it is a shard of the artifact). Layers already in the store are
-    not solved again. ``keep``: return every layer's factors (loaded from the store for finished ones);
-    otherwise (needs a store) nothing is kept, so memory holds one chunk at a time."""
+    not solved again. ``groups``: fused groups (all members in ``names``) are solved as one stacked layer
+    each and checkpointed in one chunk, so a group is either wholly in the store or not at all; ``stats``
+    needs only each unit's first member. ``keep``: return every layer's factors (loaded from the store for
+    finished ones); otherwise (needs a store) nothing is kept, so memory holds one chunk at a time."""
     if not keep and store is None:
         raise ValueError("solve_dense(keep=False) needs a store to write the layers to")
     done = store.done() if store is not None else set()
-    out = {n: store.load(n) for n in names if n in done} if keep else {}
-    todo = [n for n in names if n not in done]
-    shapes = {n: tuple(loaded.model.get_submodule(n).weight.shape) for n in todo}
+    units = solve_units(names, groups)
+    todo = [u for u, ms in units.items() if not all(m in done for m in ms)]
+    out = {m: store.load(m) for u, ms in units.items() if u not in todo for m in ms} if keep else {}
+    shapes = {u: unit_shape(loaded, units[u]) for u in todo}
     with tqdm(total=len(todo), desc=f"solve ({solver_cfg.method})", unit="layer", disable=not progress) as bar:
         for chunk in chunks(todo, shapes, solver_cfg.max_batch):
-            results = solve(solver_cfg.method, _problems(loaded, chunk, stats), solver_cfg)
-            solved = {n: _layer_factors(loaded, n, r, solver_cfg.method, None if stats is None else stats[n])
-                      for n, r in zip(chunk, results)}
+            results = solve(solver_cfg.method, _problems(loaded, units, chunk, stats), solver_cfg)
+            solved = {}
+            for u, r in zip(chunk, results):
+                solved.update(_member_factors(loaded, u, units[u], r, solver_cfg.method,
+                                              None if stats is None else stats[units[u][0]]))
             del results
             if store is not None:
                 store.save_chunk(solved)
@@ -191,8 +245,8 @@ def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] |
 
 
 def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, solver_cfg: SolverConfig,
-                     calib: CalibConfig, progress: bool = True, store: LayerStore | None = None
-                     ) -> dict[str, LayerFactors]:
+                     calib: CalibConfig, progress: bool = True, store: LayerStore | None = None,
+                     groups: Groups | None = None) -> dict[str, LayerFactors]:
     """Block by block: calibrate on the already-pruned prefix, solve the block, swap it in.
 
     The pruned blocks are swapped in only for the calibration pass: the model's own linears are put
@@ -208,7 +262,7 @@ def solve_sequential(loaded: Loaded, names: list[str], tokens: TokenWindows, sol
         prefix = f"{fam.layers_path}.{i}."
         mine = [n for n in names if n.startswith(prefix)]
         stats = {n: bstats[n[len(prefix):]] for n in mine}
-        out.update(solve_dense(loaded, mine, stats, solver_cfg, store))
+        out.update(solve_dense(loaded, mine, stats, solver_cfg, store, groups=groups))
         for n in mine:
             lf = out[n]
             originals[n] = loaded.model.get_submodule(n)
@@ -249,11 +303,20 @@ def library_versions() -> dict:
 
 
 def run_settings(loaded: Loaded, names: list[str], solver_cfg: SolverConfig, calib: CalibConfig,
-                 tokens: TokenWindows | None) -> dict:
+                 tokens: TokenWindows | None, fuse: tuple[str, ...] = ()) -> dict:
     """Everything that changes a layer's result: the key of the resume store."""
-    return {"armor_export": __version__, "model": model_fingerprint(loaded.folder), "targets": names,
-            "solver": solver_cfg.to_dict(),
-            "calibration": None if tokens is None else {"sha256": tokens.sha256, **to_dict(calib)}}
+    settings = {"armor_export": __version__, "model": model_fingerprint(loaded.folder), "targets": names,
+                "solver": solver_cfg.to_dict(),
+                "calibration": None if tokens is None else {"sha256": tokens.sha256, **to_dict(calib)}}
+    if fuse:  # absent when unfused: the key of an unfused run is what it was before --fuse existed
+        settings["fuse"] = list(fuse)
+    return settings
+
+
+def group_records(loaded: Loaded, groups: Groups) -> dict[str, dict]:
+    """The manifest's ``groups``: fused fqn -> members (stacking order) and their d_out (the split sizes)."""
+    return {g: {"members": list(ms), "split": [int(loaded.model.get_submodule(m).weight.shape[0]) for m in ms]}
+            for g, ms in groups.items()}
 
 
 def _log(msg: str, dist: DistContext) -> None:
@@ -288,13 +351,15 @@ def prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *
 
 def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, *, ignore: tuple[str, ...] = (),
            overwrite: bool = False, progress: bool = True, loaded: Loaded | None = None, resume: bool = True,
-           layerwise: bool = False, dist: DistContext | None = None) -> Path:
+           layerwise: bool = False, dist: DistContext | None = None, fuse: tuple[str, ...] = ()) -> Path:
     """The prune stage proper (see ``prune``).
 
     resume: checkpoint every finished chunk of layers in ``<out>.partial/`` and reuse layers found
     there from an interrupted run with the same settings (``armor_export.resume``).
     layerwise: load one decoder layer at a time (``armor_export.lazy_load``; dense calibration only).
     dist: a torchrun context (``armor_export.shard``): each rank solves its share; rank 0 writes.
+    fuse: kinds of ``armor_export.adapters.FUSE_KINDS`` ("qkv", "gate_up"): each such group of the family is
+    solved as one stacked layer with one shared B (``solver.fused``) and recorded in the manifest's ``groups``.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -310,12 +375,13 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
     model, fam = loaded.model, loaded.family
     check_positions(model.config, calib_seqlen=None if stats_needed(solver_cfg) == "none" else calib.seqlen)
     names = prunable(loaded, solver_cfg, ignore)
+    groups = fuse_groups(fam, names, fuse)
     method = get_method(solver_cfg.method)
     needs = stats_needed(solver_cfg)
     tokens = None if needs == "none" else calibration_windows(loaded.tokenizer, calib)
     # The store is the artifact's staging area (its chunks become the shards); without ``resume`` it starts
     # empty and is removed on failure. Ranks exchange finished layers through it.
-    store = LayerStore(out, run_settings(loaded, names, solver_cfg, calib, tokens))
+    store = LayerStore(out, run_settings(loaded, names, solver_cfg, calib, tokens, fuse))
     if dist.main:
         for note in store.prepare(reuse=resume):
             _log(note, dist)
@@ -325,24 +391,26 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
     dist.barrier()  # every rank has read the same ``done`` before anyone writes a new layer
     if done and dist.main:
         _log(f"resuming: {len(done)} of {len(names)} layers already solved in {store.root}", dist)
-    todo = [n for n in names if n not in done]
+    units = solve_units(names, groups)
+    todo_units = [u for u, ms in units.items() if not all(m in done for m in ms)]
+    todo = [m for u in todo_units for m in units[u]]
     b = solver_cfg.block_size if method.uses_wrappers else None
-    costs = {n: layer_cost(*model.get_submodule(n).weight.shape, b) for n in todo}
-    mine = assign(costs, dist.world)[dist.rank]
+    costs = {u: layer_cost(*unit_shape(loaded, units[u]), b) for u in todo_units}  # a group: its stacked shape
+    mine = [m for u in assign(costs, dist.world)[dist.rank] for m in units[u]]
     calib_seconds = 0.0
     t_cal = time.perf_counter()
     if needs == "none":
-        solve_dense(loaded, mine, None, solver_cfg, store, progress=progress, keep=False)
+        solve_dense(loaded, mine, None, solver_cfg, store, progress=progress, keep=False, groups=groups)
     elif calib.mode == "sequential":
-        solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store)
+        solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, store, groups)
     else:
         # one process: statistics of its own layers only; ranks: every rank a share of the windows for all
         # the layers still to solve, pooled block by block, each keeping its own
-        stats = collect_stats(loaded, todo if dist.world > 1 else mine, tokens, batch_size=calib.batch_size,
-                              progress=progress, device=solver_cfg.device, dist=dist, keep=mine,
-                              **stats_request(solver_cfg))
+        stats = collect_stats(loaded, stats_names(todo if dist.world > 1 else mine, groups), tokens,
+                              batch_size=calib.batch_size, progress=progress, device=solver_cfg.device, dist=dist,
+                              keep=stats_names(mine, groups), **stats_request(solver_cfg))
         calib_seconds = time.perf_counter() - t_cal
-        solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress, keep=False)
+        solve_dense(loaded, mine, stats, solver_cfg, store, progress=progress, keep=False, groups=groups)
         del stats
     solve_seconds = time.perf_counter() - t_cal - calib_seconds
     dist.barrier()
@@ -358,6 +426,8 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
                                                     "config": to_dict(calib)},
         "targets": names,
         "ignore": list(ignore),
+        "fuse": list(fuse),
+        "groups": group_records(loaded, groups),
         "timing_seconds": {"calibration": round(calib_seconds, 2), "solve": round(solve_seconds, 2),
                            "total": round(time.perf_counter() - t0, 2)},
         "execution": {"world_size": dist.world, "layer_by_layer": loaded.lazy is not None,

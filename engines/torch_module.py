@@ -7,6 +7,12 @@ ArmorLinear computes y = ((x . B^T) . S^T) . A^T + bias, in that order:
   3. block-diagonal batched matmul with A_blocks [n0, b, b],
   4. + bias.
 This module is the reference every other engine is compared with.
+
+A fused group of the artifact (``--fuse``: q/k/v or gate/up solved as one stacked layer with one B) runs as
+ONE ``ArmorLinear`` over the stacked output, owned by a ``FusedArmor`` registered under the fused name
+(``self_attn.qkv_proj``, ``mlp.gate_up_proj``); each member projection is replaced by a ``FusedPart`` that
+returns its slice of the fused output, so the HF model's forward is unchanged: the first member called with
+an input computes the fused linear once, the others reuse it for the same input tensor.
 """
 from __future__ import annotations
 
@@ -84,6 +90,47 @@ class ArmorLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, block_size={b}"
 
 
+class FusedArmor(nn.Module):
+    """One ArmorLinear for a fused group; ``part(j, x)`` is member j's slice of its output for input x."""
+
+    def __init__(self, linear: ArmorLinear, sizes: list[int]):
+        super().__init__()
+        self.linear, self.sizes = linear, list(sizes)
+        self._x = self._parts = None
+        self._served: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def part(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or j in self._served:  # a new input (or a member asked twice): compute once
+            self._x, self._parts, self._served = x, torch.split(self.linear(x), self.sizes, dim=-1), set()
+        self._served.add(j)
+        y = self._parts[j]
+        if len(self._served) == len(self.sizes):  # every member served: hold no activation between calls
+            self._x = self._parts = None
+        return y
+
+    def extra_repr(self) -> str:
+        return f"split={self.sizes}"
+
+
+class FusedPart(nn.Module):
+    """Member j of a fused group, in the member's place in the HF model (holds no tensor of its own)."""
+
+    def __init__(self, group: FusedArmor, j: int):
+        super().__init__()
+        object.__setattr__(self, "_group", group)  # not a submodule: the group is registered once, by its name
+        self.j = j
+        self.in_features, self.out_features = group.linear.in_features, group.sizes[j]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.part(self.j, x)
+
+    def extra_repr(self) -> str:
+        return f"part={self.j} of the fused group, out_features={self.out_features}"
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -91,18 +138,30 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_armor_model(artifact_dir, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                     semi_structured: bool = False):
-    """Build the HF model of an artifact with every pruned linear replaced by ArmorLinear.
+                     semi_structured: bool = False, fused: bool = True):
+    """Build the HF model of an artifact with every pruned linear replaced by ArmorLinear; with ``fused``
+    (default) every fused group of the artifact runs as one ArmorLinear and a split (``FusedArmor``).
 
     Reads only the artifact directory. Returns (model, artifact)."""
     from armor_export.artifact import load_artifact, build_base_model
+    from solver.fused import stack_biases, stack_factorizations
 
     art = load_artifact(artifact_dir)
     model = build_base_model(art, dtype=dtype)
+    cast = (lambda t: None if t is None else t.to(dtype=dtype))
+    grouped = {m for ms in art.groups.values() for m in ms} if fused else set()
     for name, lf in art.layers.items():
-        f = lf.factors
-        cast = (lambda t: None if t is None else t.to(dtype=dtype))
-        set_submodule(model, name, ArmorLinear(cast(f.S), cast(f.A_blocks), cast(f.B_blocks), cast(lf.bias)))
+        if name not in grouped:
+            f = lf.factors
+            set_submodule(model, name, ArmorLinear(cast(f.S), cast(f.A_blocks), cast(f.B_blocks), cast(lf.bias)))
+    for g, members in (art.groups.items() if fused else ()):
+        f = stack_factorizations([art.layers[m].factors for m in members])
+        sizes = [art.layers[m].factors.S.shape[0] for m in members]
+        bias = stack_biases([art.layers[m].bias for m in members], sizes)
+        group = FusedArmor(ArmorLinear(cast(f.S), cast(f.A_blocks), cast(f.B_blocks), cast(bias)), sizes)
+        set_submodule(model, g, group)
+        for j, m in enumerate(members):
+            set_submodule(model, m, FusedPart(group, j))
     model.to(device)
     if semi_structured:
         for m in model.modules():
