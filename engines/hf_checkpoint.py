@@ -1,19 +1,26 @@
 """The ARMOR Hugging-Face-style checkpoint folder (what TensorRT-LLM's PyTorch backend loads).
 
-Layout (format ``armor-export/hf-checkpoint``, version 1):
+Layout (format ``armor-export/hf-checkpoint``, version 2):
   config.json          the source config, plus
                          ``architectures``: [our registered class, e.g. "ArmorLlamaForCausalLM"]
                          ``torch_dtype`` / ``dtype``: the checkpoint dtype
                          ``armor``: format, format_version, block_size, targets (local projection names),
                                     layers {fqn: shape, block_size, has_A, has_B, has_bias},
                                     s_storage, fusion, source_architectures
-  model.safetensors    per pruned projection ``{fqn}``:
+  model-0000i-of-0000n.safetensors + model.safetensors.index.json (Hugging Face sharding: the index's
+  ``weight_map`` names each tensor's shard; shards hold at most ``max_shard_bytes``, default 1 GiB, or one
+  tensor when a tensor is larger), together holding, per pruned projection ``{fqn}``:
                          {fqn}.A [d_out/b, b, b]  (absent = identity)
                          {fqn}.S [d_out, d_in]    2:4 along d_in, stored DENSE with +0.0 zeros
                          {fqn}.B [d_in/b, b, b]   (absent = identity)
                          {fqn}.bias [d_out]       (absent = no bias)
                        every other tensor under its Hugging Face name (tied lm_head omitted)
   tokenizer / generation files copied from the artifact.
+Version 1 (one ``model.safetensors``, no index) is still read.
+The shards are written one at a time from the lazily read artifact, so writing holds at most one shard
+(plus one layer) in memory. TensorRT-LLM's PyTorch backend reads every ``*.safetensors`` of the folder
+(``HfWeightLoader.load_weights`` in tensorrt_llm/_torch/models/checkpoints/hf/weight_loader.py, read at
+NVIDIA/TensorRT-LLM commit 149b221391edea2c3ef09390083aa4805e2461a2), so shards need no change there.
 S is stored dense (not packed) because that is what ``torch.sparse.to_sparse_semi_structured`` and
 TensorRT's weight-sparsity detection consume; the zeros cost 2x S's bytes on disk.
 Projections are never fused: q/k/v and gate/up each carry their own B (input factor), so a fused
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,8 +45,11 @@ from engines.parity import DTYPES
 from solver.sparsity import is_24, positive_zeros
 
 CKPT_FORMAT = "armor-export/hf-checkpoint"
-CKPT_VERSION = 1
-WEIGHTS = "model.safetensors"
+CKPT_VERSION = 2
+CKPT_READS = (1, 2)
+WEIGHTS = "model.safetensors"  # version 1: every tensor in this one file
+WEIGHTS_INDEX = "model.safetensors.index.json"  # version 2: tensor name -> shard
+MAX_SHARD_BYTES = 1 << 30
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
 FUSION_NOTE = ("unfused: q/k/v and gate/up have different input factors B, so each projection keeps its own "
@@ -59,22 +70,96 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def checkpoint_tensors(art: Artifact, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, cast to ``dtype``; zeros of S are +0.0 after the cast
-    (a tiny negative value rounds to -0.0 in fp16/bf16 and is normalised here)."""
-    out = {}
-    for name, t in art.base.items():
-        out[name] = t.to(dtype) if t.is_floating_point() else t
-    for fqn, lf in art.layers.items():
+def checkpoint_tensors(art: Artifact, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, cast to ``dtype``, one at a time (the artifact is read lazily, one
+    layer per access); zeros of S are +0.0 after the cast (a tiny negative value rounds to -0.0 in
+    fp16/bf16 and is normalised here)."""
+    def ready(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().contiguous().cpu()
+
+    for name in art.base:
+        t = art.base[name]
+        yield name, ready(t.to(dtype) if t.is_floating_point() else t)
+    for fqn in art.layers:
+        lf = art.layers[fqn]
         f = lf.factors
-        out[f"{fqn}.S"] = positive_zeros(f.S.to(dtype))
+        yield f"{fqn}.S", ready(positive_zeros(f.S.to(dtype)))
         if f.A_blocks is not None:
-            out[f"{fqn}.A"] = f.A_blocks.to(dtype)
+            yield f"{fqn}.A", ready(f.A_blocks.to(dtype))
         if f.B_blocks is not None:
-            out[f"{fqn}.B"] = f.B_blocks.to(dtype)
+            yield f"{fqn}.B", ready(f.B_blocks.to(dtype))
         if lf.bias is not None:
-            out[f"{fqn}.bias"] = lf.bias.to(dtype)
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+            yield f"{fqn}.bias", ready(lf.bias.to(dtype))
+
+
+def shard_file(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int,
+                 metadata: dict[str, str]) -> dict[str, str]:
+    """Write ``tensors`` (in order) into shards of at most ``max_shard_bytes`` (a larger tensor gets a shard
+    of its own) and the index; return the weight map. Holds one shard in memory at a time."""
+    from safetensors.torch import save_file
+
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+    parts: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            save_file(pending, str(folder / f".part-{len(parts):05d}"), metadata=metadata)
+            parts.append(list(pending))
+            pending, size = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if pending and size + nbytes > max_shard_bytes:
+            flush()
+        pending[name] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    weight_map = {}
+    for i, names in enumerate(parts):
+        dest = shard_file(i + 1, len(parts))
+        (folder / f".part-{i:05d}").rename(folder / dest)
+        weight_map.update(dict.fromkeys(names, dest))
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    return weight_map
+
+
+def weight_files(ckpt_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it: from the index (version 2) or the one ``model.safetensors``
+    (version 1). A missing index, shard or file is a ``CheckpointError`` naming it."""
+    ckpt_dir = Path(ckpt_dir)
+    idx = ckpt_dir / WEIGHTS_INDEX
+    if idx.is_file():
+        try:
+            wm = json.loads(idx.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{idx}: not a safetensors index with a 'weight_map' ({e})") from None
+        out = {k: ckpt_dir / v for k, v in wm.items()}
+        gone = sorted({str(p) for p in out.values() if not p.is_file()})
+        if gone:
+            raise CheckpointError(f"{gone[0]}: missing (listed in {idx}); the checkpoint is incomplete: re-export it")
+        return out
+    single = ckpt_dir / WEIGHTS
+    if single.is_file():
+        return dict.fromkeys(read_safetensors_header(single), single)
+    raise CheckpointError(f"{ckpt_dir}: neither {WEIGHTS_INDEX} nor {WEIGHTS}; not a complete checkpoint")
+
+
+def read_headers(ckpt_dir: Path) -> dict[str, dict]:
+    """Every tensor's safetensors header entry (dtype, shape, data_offsets) across the checkpoint's files."""
+    out: dict[str, dict] = {}
+    for f in sorted(set(weight_files(ckpt_dir).values())):
+        out.update(read_safetensors_header(f))
+    return out
 
 
 def armor_config(art: Artifact, source_config: dict, dtype: torch.dtype) -> dict:
@@ -117,22 +202,19 @@ def _tensor_names(art: Artifact) -> set[str]:
 
 
 def write_checkpoint(artifact_dir: Path, out_dir: Path, *, dtype: str | torch.dtype | None = None,
-                     overwrite: bool = False) -> Path:
-    """Write the ARMOR HF checkpoint of an artifact atomically; return the folder."""
-    from safetensors.torch import save_file
-
+                     overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the ARMOR HF checkpoint of an artifact atomically, shard by shard; return the folder."""
     art = load_artifact(artifact_dir)
     dt = resolve_dtype(dtype)
     source = json.loads((Path(artifact_dir) / "config.json").read_text())
     cfg = armor_config(art, source, dt)
-    tensors = checkpoint_tensors(art, dt)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         copy_model_files(art.path, tmp)
         for extra in ("manifest.json",):
             (tmp / extra).unlink(missing_ok=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "armor_format": CKPT_FORMAT,
-                                                         "armor_format_version": str(CKPT_VERSION)})
+        write_shards(tmp, checkpoint_tensors(art, dt), max_shard_bytes,
+                     {"format": "pt", "armor_format": CKPT_FORMAT, "armor_format_version": str(CKPT_VERSION)})
     return Path(out_dir)
 
 
@@ -146,8 +228,9 @@ def read_config(ckpt_dir: Path) -> dict:
     armor = cfg.get("armor")
     if not isinstance(armor, dict) or armor.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{p}: no 'armor' section of format {CKPT_FORMAT!r}; not an ARMOR checkpoint")
-    if armor.get("format_version") != CKPT_VERSION:
-        raise CheckpointError(f"{p}: armor format_version {armor.get('format_version')} is not {CKPT_VERSION}")
+    if armor.get("format_version") not in CKPT_READS:
+        raise CheckpointError(f"{p}: armor format_version {armor.get('format_version')!r} is not one this version "
+                              f"reads ({', '.join(map(str, CKPT_READS))}); re-export the checkpoint")
     return cfg
 
 
@@ -195,6 +278,19 @@ def s_bytes_report(weights_file: Path, names: list[str]) -> dict[str, dict]:
     return out
 
 
+def checkpoint_s_report(ckpt_dir: Path, names: list[str]) -> dict[str, dict]:
+    """``s_bytes_report`` over a checkpoint's shards (each S read from the file the index names)."""
+    where = weight_files(ckpt_dir)
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(where.get(n, Path(ckpt_dir) / WEIGHTS_INDEX), []).append(n)
+    out = {}
+    for f, ns in by_file.items():
+        out.update(s_bytes_report(f, ns) if f.suffix == ".safetensors" else
+                   {n: {"present": False, "is_24": False, "negative_zeros": None} for n in ns})
+    return out
+
+
 def schema_problems(ckpt_dir: Path, art: Artifact | None = None) -> list[str]:
     """Everything wrong with a checkpoint's config and tensor table (empty list = valid).
 
@@ -219,10 +315,10 @@ def schema_problems(ckpt_dir: Path, art: Artifact | None = None) -> list[str]:
     st_dtype = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}.get(dtype_name)
     if st_dtype is None:
         problems.append(f"torch_dtype {dtype_name!r} is not float16/bfloat16/float32")
-    wf = ckpt_dir / WEIGHTS
-    if not wf.is_file():
-        return problems + [f"{wf} missing"]
-    header = read_safetensors_header(wf)
+    try:
+        header = read_headers(ckpt_dir)
+    except CheckpointError as e:
+        return problems + [str(e)]
     for fqn, info in armor.get("layers", {}).items():
         d_out, d_in = info["shape"]
         b = info.get("block_size")
@@ -272,7 +368,10 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
     cfg = read_config(ckpt_dir)
     stored = resolve_dtype({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[cfg["torch_dtype"]])
     dt = stored if dtype is None else resolve_dtype(dtype)
-    tensors = load_file(str(ckpt_dir / WEIGHTS))
+    files = weight_files(ckpt_dir)
+    tensors = {}
+    for f in sorted(set(files.values())):
+        tensors.update(load_file(str(f)))
     config = AutoConfig.from_pretrained(ckpt_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=dt)
     layers = cfg["armor"]["layers"]
@@ -280,7 +379,7 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
         get = (lambda s: None if f"{fqn}.{s}" not in tensors else tensors.pop(f"{fqn}.{s}").to(dt))
         S = get("S")
         if S is None or not is_24(S):
-            raise CheckpointError(f"{ckpt_dir / WEIGHTS}: {fqn}.S missing or not 2:4")
+            raise CheckpointError(f"{files.get(f'{fqn}.S', ckpt_dir / WEIGHTS_INDEX)}: {fqn}.S missing or not 2:4")
         set_submodule(model, fqn, ArmorLinear(S, get("A"), get("B"), get("bias")))
     missing, unexpected = model.load_state_dict({k: v.to(dt) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
@@ -288,7 +387,7 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
     armor_bufs = {n for n in missing if n.rpartition(".")[0] in layers}
     bad = sorted(set(missing) - tied - armor_bufs)
     if bad or unexpected:
-        raise CheckpointError(f"{ckpt_dir / WEIGHTS}: does not match config.json (missing {bad[:5]}, "
+        raise CheckpointError(f"{ckpt_dir}: the weights do not match config.json (missing {bad[:5]}, "
                               f"unexpected {list(unexpected)[:5]})")
     if tied:
         model.tie_weights()

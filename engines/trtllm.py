@@ -100,7 +100,7 @@ class TrtllmLowering:
                             "0 problems", not problems, {"problems": problems[:50]}))
         ck = hfc.read_config(engine_dir)
         s_names = [f"{n}.S" for n in ck["armor"]["layers"]]
-        sb = hfc.s_bytes_report(engine_dir / hfc.WEIGHTS, s_names)
+        sb = hfc.checkpoint_s_report(engine_dir, s_names)
         not24 = [n for n, r in sb.items() if not r["is_24"]]
         negz = sum(r["negative_zeros"] or 0 for r in sb.values())
         checks.append(Check("every S is 2:4 along d_in in the written bytes", f"{len(s_names) - len(not24)}/"

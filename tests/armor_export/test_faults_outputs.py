@@ -547,10 +547,12 @@ def test_engine_folder_hashes_are_checked_first(capsys, art, tmp_path):
     eng = tmp_path / "trtllm"
     assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--out", str(eng)]) == 0
     listed = (eng / HASHES).read_text()
-    assert "model.safetensors" in listed and "config.json" in listed and (eng / MARKER).is_file()
-    flip_byte(eng / "model.safetensors", at=len((eng / "model.safetensors").read_bytes()) // 2)
+    shard = eng / "model-00001-of-00001.safetensors"
+    assert shard.name in listed and "model.safetensors.index.json" in listed and "config.json" in listed
+    assert (eng / MARKER).is_file()
+    flip_byte(shard, at=len(shard.read_bytes()) // 2)
     rc, err = run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng)
-    assert_clear(rc, err, eng / "model.safetensors", HASHES)
+    assert_clear(rc, err, shard, HASHES)
     assert not (eng / "parity.json").exists(), "no parity report for a folder that failed its hash check"
     shutil.rmtree(eng)
     assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--out", str(eng)]) == 0

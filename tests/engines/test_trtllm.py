@@ -6,6 +6,7 @@ model's weights) so the tests need no solver run. Library tests are marked ``trt
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,18 +64,18 @@ def test_checkpoint_config_schema(ckpt, artifact):
     assert cfg["architectures"] == ["ArmorLlamaForCausalLM"]
     assert cfg["model_type"] == "llama" and cfg["torch_dtype"] == "float16"
     armor = cfg["armor"]
-    assert armor["format"] == hfc.CKPT_FORMAT and armor["format_version"] == 1
+    assert armor["format"] == hfc.CKPT_FORMAT and armor["format_version"] == hfc.CKPT_VERSION == 2
     assert armor["block_size"] == B and armor["source_architectures"] == ["LlamaForCausalLM"]
     assert set(armor["targets"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert len(armor["layers"]) == 14 and "unfused" in armor["fusion"]
-    for f in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+    for f in ("tokenizer.json", "tokenizer_config.json", hfc.WEIGHTS_INDEX, hfc.shard_file(1, 1)):
         assert (ckpt / f).is_file()
     assert hfc.schema_problems(ckpt, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
 
 
 def test_checkpoint_tensor_names_shapes_dtypes(ckpt):
-    header = hfc.read_safetensors_header(ckpt / hfc.WEIGHTS)
+    header = hfc.read_headers(ckpt)
     q = "model.layers.0.self_attn.q_proj"
     assert header[f"{q}.S"]["shape"] == [64, 64] and header[f"{q}.A"]["shape"] == [8, B, B]
     down = "model.layers.1.mlp.down_proj"
@@ -90,8 +91,8 @@ def test_checkpoint_tensor_names_shapes_dtypes(ckpt):
 
 
 def test_every_s_is_24_in_written_bytes(ckpt):
-    names = [k for k in hfc.read_safetensors_header(ckpt / hfc.WEIGHTS) if k.endswith(".S")]
-    rep = hfc.s_bytes_report(ckpt / hfc.WEIGHTS, names)
+    names = [k for k in hfc.read_headers(ckpt) if k.endswith(".S")]
+    rep = hfc.checkpoint_s_report(ckpt, names)
     assert all(r["is_24"] for r in rep.values())
     assert all(r["negative_zeros"] == 0 for r in rep.values())
     assert all(r["zero_fraction"] >= 0.5 for r in rep.values())
@@ -109,8 +110,65 @@ def test_bytes_check_catches_dense_and_negative_zero(tmp_path):
 def test_underflow_to_negative_zero_is_normalised(tiny_model_dir, tmp_path):
     art = make_artifact(tiny_model_dir, tmp_path / "art", neg_tiny=True)
     out = hfc.write_checkpoint(art, tmp_path / "ck", dtype="fp16")
-    rep = hfc.s_bytes_report(out / hfc.WEIGHTS, [f"model.layers.{i}.self_attn.q_proj.S" for i in range(2)])
+    rep = hfc.checkpoint_s_report(out, [f"model.layers.{i}.self_attn.q_proj.S" for i in range(2)])
     assert all(r["negative_zeros"] == 0 and r["is_24"] for r in rep.values())
+
+
+def test_sharded_checkpoint_equals_one_file(artifact, tmp_path):
+    """Small shards: every tensor in exactly one shard, each shard within the limit unless it holds one
+    larger tensor, the index complete; the loaded model and the S bytes check are the same as for one shard."""
+    from safetensors.torch import load_file
+
+    one = hfc.write_checkpoint(artifact, tmp_path / "one", dtype="fp32")
+    limit = 64 * 1024
+    many = hfc.write_checkpoint(artifact, tmp_path / "many", dtype="fp32", max_shard_bytes=limit)
+    index = json.loads((many / hfc.WEIGHTS_INDEX).read_text())
+    shards = sorted(many.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    assert not (many / hfc.WEIGHTS).exists() and not list(many.glob(".part-*"))
+    seen: dict[str, torch.Tensor] = {}
+    for p in shards:
+        part = load_file(str(p))
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= limit or len(part) == 1, p.name
+        assert not set(part) & set(seen) and all(index["weight_map"][k] == p.name for k in part)
+        seen.update(part)
+    ref = load_file(str(one / hfc.shard_file(1, 1)))
+    assert sorted(seen) == sorted(ref) and all(torch.equal(seen[k], ref[k]) for k in ref)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ref.values())
+    assert hfc.schema_problems(many, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
+    tokens = torch.randint(0, 300, (1, 12))
+    assert torch.equal(hfc.checkpoint_logits(many, tokens)[0], hfc.checkpoint_logits(one, tokens)[0])
+    names = [k for k in seen if k.endswith(".S")]
+    assert all(r["is_24"] and r["negative_zeros"] == 0 for r in hfc.checkpoint_s_report(many, names).values())
+
+
+def test_missing_shard_is_named(artifact, tmp_path):
+    many = hfc.write_checkpoint(artifact, tmp_path / "many", dtype="fp32", max_shard_bytes=64 * 1024)
+    gone = sorted(many.glob("model-*-of-*.safetensors"))[1]
+    gone.unlink()
+    problems = hfc.schema_problems(many)
+    assert len(problems) == 1 and str(gone) in problems[0] and "incomplete" in problems[0]
+    with pytest.raises(hfc.CheckpointError, match=gone.name):
+        hfc.load_checkpoint_model(many)
+
+
+def test_version_1_checkpoint_is_still_read(artifact, tmp_path):
+    """A version-1 checkpoint (one model.safetensors, no index) loads to the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    new = hfc.write_checkpoint(artifact, tmp_path / "new", dtype="fp32")
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    (old / hfc.WEIGHTS_INDEX).unlink()
+    (old / hfc.shard_file(1, 1)).rename(old / hfc.WEIGHTS)
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["armor"]["format_version"] = 1
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert sorted(load_file(str(old / hfc.WEIGHTS))) == sorted(hfc.read_headers(new))
+    save_file(load_file(str(old / hfc.WEIGHTS)), str(old / hfc.WEIGHTS))
+    assert hfc.schema_problems(old) == []
+    tokens = torch.randint(0, 300, (1, 12))
+    assert torch.equal(hfc.checkpoint_logits(old, tokens)[0], hfc.checkpoint_logits(new, tokens)[0])
 
 
 def test_verify_load_back_parity_and_report(artifact, ckpt, tmp_path):
