@@ -29,7 +29,8 @@ from armor_export.evaluate import perplexity
 from armor_export.fsutil import check_output, output_lock, read_marker
 from armor_export.models import load_model, load_tokenizer, model_id, read_family, resolve_model
 from armor_export.resume import LayerStore, model_fingerprint
-from armor_export.shard import DistContext, all_reduce_accumulators, assign, chunks, layer_cost, window_share
+from armor_export.shard import (DistContext, all_reduce_accumulators, assign, block_elements, chunks, layer_cost,
+                                window_share)
 from solver.blockdiag import check_block_size
 from solver.config import SolverConfig
 from solver.fused import split_factorization
@@ -226,9 +227,11 @@ def solve_dense(loaded: Loaded, names: list[str], stats: dict[str, LayerStats] |
     units = solve_units(names, groups)
     todo = [u for u, ms in units.items() if not all(m in done for m in ms)]
     out = {m: store.load(m) for u, ms in units.items() if u not in todo for m in ms} if keep else {}
-    shapes = {u: unit_shape(loaded, units[u]) for u in todo}
+    shapes = {u: unit_shape(loaded, ms) for u, ms in units.items()}
+    # a chunk holds at most one decoder block's worth of weights (and max_batch layers), whatever the depth
+    budget = block_elements(shapes, {u: split_name(loaded.family, ms[0])[0] for u, ms in units.items()})
     with tqdm(total=len(todo), desc=f"solve ({solver_cfg.method})", unit="layer", disable=not progress) as bar:
-        for chunk in chunks(todo, shapes, solver_cfg.max_batch):
+        for chunk in chunks(todo, {u: shapes[u] for u in todo}, solver_cfg.max_batch, budget):
             results = solve(solver_cfg.method, _problems(loaded, units, chunk, stats), solver_cfg)
             solved = {}
             for u, r in zip(chunk, results):

@@ -17,6 +17,8 @@ generator per layer). Backend: NCCL when the solver runs on CUDA, gloo otherwise
 """
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,16 +76,31 @@ def all_reduce_accumulators(accs: list) -> None:
         a.set_count(n, dropped)
 
 
-def chunks(names: list[str], shapes: dict[str, tuple], max_chunk: int) -> list[list[str]]:
+def chunks(names: list[str], shapes: dict[str, tuple], max_chunk: int,
+           max_elements: int | None = None) -> list[list[str]]:
     """Split layers into solve calls: same-shaped layers together (ARMOR batches them), at most
-    ``max_chunk`` per call. Each chunk is checkpointed as soon as it is solved."""
+    ``max_chunk`` per call and, when given, at most ``max_elements`` weight elements per call (always at
+    least one layer), so a chunk's memory does not grow with the model's depth. Each chunk is checkpointed
+    as soon as it is solved."""
     groups: dict[tuple, list[str]] = {}
     for n in names:
         groups.setdefault(tuple(shapes[n]), []).append(n)
     out = []
-    for group in groups.values():
-        out.extend(group[i:i + max_chunk] for i in range(0, len(group), max_chunk))
+    for shape, group in groups.items():
+        size = max_chunk
+        if max_elements is not None:
+            size = max(1, min(size, max_elements // max(1, math.prod(shape))))
+        out.extend(group[i:i + size] for i in range(0, len(group), size))
     return out
+
+
+def block_elements(shapes: dict[str, tuple], block_of: dict[str, int]) -> int:
+    """The weight elements of the largest decoder block (the sum over its layers): the chunk budget that keeps
+    a solve call within one block's worth of weights."""
+    per: dict[int, int] = {}
+    for n, shape in shapes.items():
+        per[block_of[n]] = per.get(block_of[n], 0) + math.prod(shape)
+    return max(per.values(), default=0)
 
 
 @dataclass(frozen=True)

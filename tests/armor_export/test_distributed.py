@@ -33,6 +33,19 @@ def test_assign_is_balanced_deterministic_and_complete():
 def test_chunks_group_by_shape_and_cap_size():
     shapes = {"a": (4, 8), "b": (8, 8), "c": (4, 8), "d": (4, 8)}
     assert chunks(list(shapes), shapes, 2) == [["a", "c"], ["d"], ["b"]]
+
+
+def test_chunks_hold_at_most_one_block_of_weights():
+    from armor_export.shard import block_elements
+
+    shapes = {f"l{i}.{p}": s for i in range(6) for p, s in (("q", (8, 8)), ("down", (8, 32)))}
+    budget = block_elements(shapes, {n: int(n[1]) for n in shapes})
+    assert budget == 8 * 8 + 8 * 32
+    got = chunks(list(shapes), shapes, 64, budget)
+    assert [len(c) for c in got] == [5, 1] + [1] * 6  # 5 q (320 <= 320 elements), the 6th, then one down each
+    assert sorted(n for c in got for n in c) == sorted(shapes)
+    assert all(sum(shapes[n][0] * shapes[n][1] for n in c) <= budget for c in got)
+    assert chunks(["big"], {"big": (64, 64)}, 64, 10) == [["big"]]  # a layer larger than the budget: alone
     assert layer_cost(8, 16, 4) == 512 and layer_cost(8, 16, None) == 128
 
 
