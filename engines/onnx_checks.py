@@ -5,6 +5,9 @@ tensor that reaches a MatMul or Gemm through nothing but Transpose / Cast (the r
 sparsity checker applies, deployment-facts §2.2); along the operand's reduction axis (K) every aligned
 group of 4 holds at least 2 zeros, and every zero is +0.0 in the bytes read back from the file.
 ``op_counts(path)``: op-type histogram (tests assert no Einsum and the MatMuls per linear).
+``structure_digest(path)``: sha256 of the graph's structure (ops, attributes, wiring by producer position,
+initializer names / shapes / types, the bytes of the graph's own constants; not the weights), so a test can
+pin a graph's form across code changes independently of the weight values.
 ``polygraphy_sparsity(path)``: ``polygraphy inspect sparsity`` when polygraphy is installed, else a
 skip reason. This module reads models; it never writes or fixes them.
 """
@@ -117,6 +120,34 @@ def op_counts(path) -> dict[str, int]:
 
     m = onnx.load(str(path), load_external_data=False)
     return dict(collections.Counter(n.op_type for n in m.graph.node))
+
+
+def structure_digest(path) -> str:
+    """sha256 over the graph's form: inputs and outputs, every node's op, domain, attributes and the position of
+    each input's producer (node index and output slot, initializer or graph-input name), every initializer's name,
+    type and shape, and the values of the ``const.*`` initializers (shapes, axes, RoPE tables). Auto-generated
+    value names and the weights themselves do not enter it."""
+    import hashlib
+
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    g, h = m.graph, hashlib.sha256()
+    source = {i.name: f"in:{i.name}" for i in g.input}
+    source.update({t.name: f"init:{t.name}" for t in g.initializer})
+    for t in g.initializer:
+        h.update(f"{t.name}|{t.data_type}|{list(t.dims)}\n".encode())
+        if t.name.startswith("const."):
+            h.update(t.raw_data)
+    for i in (*g.input, *g.output):
+        h.update(f"io:{i.name}|{i.type.SerializeToString().hex()}\n".encode())
+    for k, n in enumerate(g.node):
+        attrs = sorted((a.name, a.SerializeToString().hex()) for a in n.attribute)
+        h.update(f"{n.op_type}|{n.domain}|{attrs}|{[source.get(x, x) for x in n.input]}\n".encode())
+        for j, o in enumerate(n.output):
+            source[o] = f"node:{k}:{j}"
+    h.update(str([source.get(o.name) for o in g.output]).encode())
+    return h.hexdigest()
 
 
 def polygraphy_sparsity(path) -> dict:

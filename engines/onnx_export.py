@@ -5,7 +5,9 @@ for why not the dynamo exporter or the genai builder), saves ``model.onnx`` + ``
 (external data, one file) atomically, then runs ``onnx.checker`` on the path, strict shape
 inference, and the S-initializer check of ``engines.onnx_checks``. ``dense=True`` writes the
 artifact's source model (dense weights from the manifest's source folder; the merged A.S.B when that
-folder is gone) through the same graph, so dense and ARMOR compare in the same runtime.
+folder is gone) through the same graph, so dense and ARMOR compare in the same runtime. A fused group of
+the artifact (``--fuse``) is written as one linear (stacked S and A, the shared B; ``engines.onnx_graph``)
+unless ``fused=False``; dense exports keep the source model's separate projections.
 
 ``requires`` checks the family's features against the graph (``engines.onnx_graph.SUPPORTED``) from
 ``config.json`` alone, so the one-shot run calls it on the model folder before pruning. The engines
@@ -26,7 +28,8 @@ from armor_export.adapters import model_facts
 from armor_export.artifact import BASE_FILE, Artifact, load_artifact
 from armor_export.fsutil import atomic_dir
 from engines.deferred import Deferred
-from engines.onnx_graph import IR_DTYPES, DecoderGraph, GraphSpec, LinearWeights, check_onnx_features
+from engines.onnx_graph import IR_DTYPES, DecoderGraph, FusedGroup, GraphSpec, LinearWeights, \
+    check_onnx_features
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -63,36 +66,78 @@ def _source_weights(art: Artifact) -> dict[str, Deferred] | None:
 
 
 class _LayerReader:
-    """One artifact layer's factors at a time: the S, A, B and bias initializers of a linear are written one
-    after the other, so the last layer read is kept (and only it)."""
+    """One artifact layer's factors at a time (or one fused group's members): the S, A, B and bias initializers of
+    a linear are written one after the other, so the last layer (group) read is kept, and only it."""
 
     def __init__(self, art: Artifact):
-        self.art, self.name, self.lf = art, None, None
+        self.art, self.key, self.held = art, None, None
 
     def __call__(self, name: str):
-        if name != self.name:
-            self.name, self.lf = None, None  # the previous layer is released before the next is read
-            self.lf, self.name = self.art.layers[name], name
-        return self.lf
+        return self.many((name,))[0]
+
+    def many(self, names: tuple[str, ...]) -> list:
+        if names != self.key:
+            self.key, self.held = None, None  # the previous layer is released before the next is read
+            self.held, self.key = [self.art.layers[n] for n in names], names
+        return self.held
 
     def clear(self) -> None:
-        self.name, self.lf = None, None
+        self.key, self.held = None, None
 
     def part(self, name: str, get) -> Callable[[], torch.Tensor]:
         return lambda: get(self(name))
 
+    def stacked(self, names: tuple[str, ...], get) -> Callable[[], torch.Tensor]:
+        return lambda: get(self.many(names))
 
-def collect_linears(art: Artifact, config, *, dense: bool) -> tuple[dict[str, LinearWeights], str]:
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def fused_linear(read: _LayerReader, members: tuple[str, ...]) -> tuple[LinearWeights, FusedGroup]:
+    """The stacked ARMOR linear of a fused group (Deferred: S and A rows of the members concatenated in stacking
+    order, the members' shared B, their biases stacked with zeros for a member without one) and its split."""
+    from solver.fused import stack_biases
+
+    lfs = read.many(members)
+    sizes = tuple(int(lf.factors.S.shape[0]) for lf in lfs)
+    f0, d_in = lfs[0].factors, int(lfs[0].factors.S.shape[1])
+    S = Deferred((sum(sizes), d_in), read.stacked(members, lambda ls: _cat([x.factors.S for x in ls])))
+    A = B = bias = None
+    if f0.A_blocks is not None:
+        n0 = sum(int(lf.factors.A_blocks.shape[0]) for lf in lfs)
+        A = Deferred((n0, *f0.A_blocks.shape[1:]), read.stacked(members, lambda ls: _cat([x.factors.A_blocks
+                                                                                              for x in ls])))
+    if f0.B_blocks is not None:  # shared by every member (load_artifact checked it)
+        B = Deferred(tuple(f0.B_blocks.shape), read.stacked(members, lambda ls: ls[0].factors.B_blocks))
+    if any(lf.bias is not None for lf in lfs):
+        bias = Deferred((sum(sizes),), read.stacked(members, lambda ls: stack_biases([x.bias for x in ls],
+                                                                                      list(sizes))))
+    return LinearWeights(S, A, B, bias), FusedGroup(tuple(members), sizes)
+
+
+def collect_linears(art: Artifact, config, *, dense: bool, fused: bool = True
+                    ) -> tuple[dict[str, LinearWeights], str, dict[str, FusedGroup]]:
     """Every linear the graph needs: ARMOR factors for pruned ones, base weights for the others, as
     ``Deferred`` tensors (shapes now, data read from the artifact tensor by tensor while the model is
-    saved): the exporter never holds more than one layer's factors."""
+    saved): the exporter never holds more than one layer's factors (one fused group's). With ``fused`` (and not
+    ``dense``) each fused group of the artifact is one stacked linear under the group's name instead of its
+    members; the groups are returned for the graph."""
     from solver.blockdiag import product
 
     lin: dict[str, LinearWeights] = {}
     src = _source_weights(art) if dense else None
     how = "armor" if not dense else ("source" if src is not None else "merged A.S.B")
     read = _LayerReader(art)
+    groups: dict[str, FusedGroup] = {}
+    if fused and not dense:
+        for g, members in art.groups.items():
+            lin[g], groups[g] = fused_linear(read, members)
+    grouped = {m for fg in groups.values() for m in fg.members}
     for name in art.layers:
+        if name in grouped:
+            continue
         lf = read(name)  # one layer in memory, for its shapes
         f, shape = lf.factors, lambda t: None if t is None else tuple(t.shape)
         S, A, B, bias = (None if shape(t) is None else Deferred(shape(t), read.part(name, g)) for t, g in (
@@ -113,12 +158,18 @@ def collect_linears(art: Artifact, config, *, dense: bool) -> tuple[dict[str, Li
     for i in range(facts.num_layers):
         for p in (*fam.qkv, fam.o_proj, *fam.gate_up, fam.down_proj):
             name = facts.layer(i, p)
-            if name not in lin:
+            if name not in lin and name not in grouped:
                 w = base.get(f"{name}.weight")
                 if w is None:
                     raise ValueError(f"{name}: neither pruned factors nor a dense weight in the artifact")
                 lin[name] = LinearWeights(w, None, None, base.get(f"{name}.bias"), dense=True)
-    return lin, how
+    return lin, how, groups
+
+
+def armor_linears(art: Artifact, *, fused: bool = True) -> int:
+    """The ARMOR linears (S initializers) of the artifact's graph: one per layer, a fused group counting once."""
+    groups = art.groups if fused else {}
+    return len(art.layers) - sum(len(m) for m in groups.values()) + len(groups)
 
 
 def deferred_base(art: Artifact) -> dict[str, Deferred]:
@@ -152,8 +203,9 @@ def requires(folder, engine: str = "onnx", dtypes=tuple(IR_DTYPES), dtype: str |
 
 
 def export_onnx(artifact_dir, out_dir, *, dtype: str = "fp32", form: str = "logits", dense: bool = False,
-                overwrite: bool = False, check: bool = True) -> Path:
-    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``, ``onnx_export.json``); return ``out_dir``."""
+                overwrite: bool = False, check: bool = True, fused: bool = True) -> Path:
+    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``, ``onnx_export.json``); return ``out_dir``.
+    ``fused=False`` writes the members of the artifact's fused groups as separate linears."""
     import onnx_ir as ir
     from transformers import AutoConfig
 
@@ -163,14 +215,16 @@ def export_onnx(artifact_dir, out_dir, *, dtype: str = "fp32", form: str = "logi
     art = load_artifact(Path(artifact_dir))
     config = AutoConfig.from_pretrained(art.path)
     facts = model_facts(config)
-    linears, how = collect_linears(art, config, dense=dense)
-    model = DecoderGraph(config, spec, linears, deferred_base(art)).build()
+    linears, how, groups = collect_linears(art, config, dense=dense, fused=fused)
+    model = DecoderGraph(config, spec, linears, deferred_base(art), groups).build()
     t_build = time.perf_counter() - t0
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=1024)
         t_save = time.perf_counter() - t0 - t_build
         checks = check_written(tmp / MODEL_FILE, dense=dense) if check else {}
         meta = {"dtype": dtype, "form": form, "dense": dense, "weights": how, "opset": model.opset_imports[""],
+                "fused_groups": {g: {"members": list(fg.members), "split": list(fg.sizes)}
+                                 for g, fg in groups.items()},
                 "model_type": config.model_type, "num_layers": facts.num_layers,
                 "num_key_value_heads": facts.kv_heads, "head_dim": facts.head_dim,
                 "sliding_windows": list(facts.windows), "features": sorted(facts.features()),

@@ -15,6 +15,11 @@ Per pruned linear (x: [N, d_in], N = batch * seq tokens, kept 2-D through the de
     -> (same block product with {fqn}.A_t) -> Add {fqn}.bias
 ``B_t``/``A_t`` hold the blocks transposed (x . B^T per block). Identity A/B produce no nodes. Fused
 projections (Phi-3 ``qkv_proj`` / ``gate_up_proj``) are lowered as one linear and split after it.
+A fused group of the artifact (``--fuse``: q/k/v or gate/up solved as one stacked layer with one shared B,
+``solver.fused``) is lowered the same way, as ONE linear named after the group (``{group}.B_t`` the shared B,
+``{group}.S`` the members' S rows stacked: still 2:4 along d_in and fed straight to its MatMul, ``{group}.A_t``
+the members' A blocks stacked, ``{group}.bias``), then a Split by the members' d_out whose outputs are named
+``{member}.out``. Without groups the graph is exactly the unfused one.
 Family features: q/k RMSNorm per head (Qwen3), per-layer sliding windows (a key is visible when
 ``q_pos - k_pos < window``, as transformers masks), attention and final soft-capping, the RMSNorm
 offset and embedding scale (Gemma 2), sandwich norms, SiLU or tanh-GELU. Every other op runs in the
@@ -75,13 +80,24 @@ class LinearWeights:
     dense: bool = False
 
 
+@dataclass(frozen=True)
+class FusedGroup:
+    """A fused group of the artifact: its members in stacking order and their d_out (the Split sizes); the
+    group's stacked weights are ``linears[group name]``."""
+    members: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+
 class DecoderGraph:
     """Accumulates nodes and initializers on an onnx-ir tape; ``build`` returns the ir.Model."""
 
-    def __init__(self, config, spec: GraphSpec, linears: dict[str, LinearWeights], base: dict[str, torch.Tensor]):
+    def __init__(self, config, spec: GraphSpec, linears: dict[str, LinearWeights], base: dict[str, torch.Tensor],
+                 groups: dict[str, FusedGroup] | None = None):
         self.facts = check_onnx_features(config)
         self.fam = self.facts.family
         self.cfg, self.spec, self.linears, self.base = config, spec, linears, base
+        self.groups = dict(groups or {})
+        self._group_of = {m: g for g, fg in self.groups.items() for m in fg.members}
         self.tdtype, self.dtype = DTYPES[spec.dtype], IR_DTYPES[spec.dtype]
         self.t = ir_tape.Tape()
         self.H, self.KVH, self.D = self.facts.heads, self.facts.kv_heads, self.facts.head_dim
@@ -193,12 +209,26 @@ class DecoderGraph:
         rot = self.op("Concat", [self.op("Neg", [x2]), x1], {"axis": -1})
         return self.op("Add", [self.op("Mul", [x, cos]), self.op("Mul", [rot, sin])])
 
+    def projections(self, x, names: list[str]) -> list[ir.Value]:
+        """The outputs of projections reading the same x: one linear each, or, when they are a fused group of the
+        artifact, the group's one linear and a Split (outputs named ``{member}.out``, probed by verify)."""
+        g = self._group_of.get(names[0])
+        if g is None:
+            return [self.linear(x, n) for n in names]
+        fg = self.groups[g]
+        if fg.members != tuple(names):
+            raise ValueError(f"{g}: fused group members {list(fg.members)} are not the projections {names}")
+        outs = self.split(self.linear(x, g), list(fg.sizes))
+        for out, m in zip(outs, fg.members):
+            out.name = f"{m}.out"
+        return outs
+
     def qkv(self, x, i: int):
         f = self.facts
         names = [f.layer(i, n) for n in self.fam.qkv]
         if self.fam.fused_qkv:
             return self.split(self.linear(x, names[0]), [f.q_dim, f.kv_dim, f.kv_dim])
-        return [self.linear(x, n) for n in names]
+        return self.projections(x, names)
 
     def attention(self, x, i: int, ctx: dict):
         H, D, f = self.H, self.D, self.facts
@@ -249,7 +279,7 @@ class DecoderGraph:
         if self.fam.fused_gate_up:
             g, u = self.split(self.linear(x, names[0]), [f.intermediate, f.intermediate])
         else:
-            g, u = self.linear(x, names[0]), self.linear(x, names[1])
+            g, u = self.projections(x, names)
         return self.linear(self.op("Mul", [self.act(g), u]), f.layer(i, self.fam.down_proj))
 
     def masks(self, q_pos, s0) -> dict:

@@ -10,7 +10,8 @@ checks (each also usable alone):
     sliding window of the model;
   * ``greedy_check``: greedy tokens, PyTorch ``generate`` vs the KV-cache graph in ORT and through
     onnxruntime-genai, from prompts longer than the sliding window;
-  * ``engines.onnx_checks.s_check``: 2:4 / +0.0 / direct-MatMul of every S initializer; polygraphy if installed.
+  * ``engines.onnx_checks.s_check``: 2:4 / +0.0 / direct-MatMul of every S initializer (one per lowered linear:
+    a fused group of the artifact is one, its members' outputs are the Split's); polygraphy if installed.
 Tolerances per graph precision are ``engines.parity.TOLERANCES``; the report is ``engines.parity.write_report``.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from armor_export.adapters import model_facts, token_ids
 from engines.base import ExportConfig
 from engines.onnx_checks import polygraphy_sparsity, s_check
-from engines.onnx_export import read_config, read_meta
+from engines.onnx_export import armor_linears, read_config, read_meta
 from engines.parity import TOLERANCES, Check, error_stats, logits_checks, model_logits, parity_tokens, versions, \
     write_report
 from engines.runners import OrtRunner, generate_genai, greedy_kv, logits_feeds
@@ -204,7 +205,8 @@ def verify_onnx(artifact_dir: Path, engine_dir: Path, cfg: ExportConfig = Export
     poly = {}
     for folder in {d for d in (logits_dir, kv_dir) if d is not None}:
         if not dense:
-            checks.append(s_check(folder / "model.onnx", len(names), folder.name))
+            fused = bool(read_meta(folder).get("fused_groups"))
+            checks.append(s_check(folder / "model.onnx", armor_linears(art, fused=fused), folder.name))
         poly[folder.name] = polygraphy_sparsity(folder / "model.onnx")
     meta_out = {"engine_dir": str(engine_dir), "artifact": str(artifact_dir), "dtype": dtype, "dense": dense,
                 "family": facts.family.name, "sliding_windows": list(facts.windows), "tolerances": tol,

@@ -261,14 +261,14 @@ class TensorRTLowering:
     def verify(self, artifact_dir: Path, engine_dir: Path, cfg: ExportConfig = ExportConfig()) -> dict:
         from armor_export.adapters import model_facts
         from engines.onnx_checks import s_check
-        from engines.onnx_export import MODEL_FILE, read_config
+        from engines.onnx_export import MODEL_FILE, armor_linears, read_config
         from engines.parity import TOLERANCES, Check, logits_checks, model_logits, parity_tokens, write_report
         from engines.torch_module import load_armor_model
 
         engine_dir = Path(engine_dir)
         build = json.loads((engine_dir / "build.json").read_text())
         model, art = load_armor_model(artifact_dir)
-        checks = [s_check(engine_dir / "onnx" / MODEL_FILE, len(art.layers), "TensorRT ONNX")]
+        checks = [s_check(engine_dir / "onnx" / MODEL_FILE, armor_linears(art), "TensorRT ONNX")]
         meta = {"engine": "tensorrt", "build": build}
         report_dir = cfg.report_dir or engine_dir
         if build.get("status") != "built":

@@ -6,7 +6,11 @@ norm offset / embedding scale / soft-capping), pruned with ARMOR (2 iterations) 
 Reference: the artifact's PyTorch runtime in fp32 on CPU. Tolerances per dtype (engines.parity.TOLERANCES, and
 stated here): fp32 ONNX logits >= 100 dB SQNR (measured 124-137 dB), top-1 = 1, greedy tokens identical through
 the ORT KV graph and onnxruntime-genai; fp16 TensorRT ONNX run in ORT CPU >= 30 dB (the fp16 row). One artifact
-and one "onnx" engine folder per family (module-scoped), one parity sequence of 40 tokens (> every window).
+and one "onnx" engine folder per family and variant (module-scoped), one parity sequence of 40 tokens (> every
+window). The "fused" variant prunes with ``--fuse qkv,gate_up`` (one stacked layer and one shared B per q/k/v and
+gate/up group; Phi-3's projections are fused in the model already, so its fused variant has no groups) and checks
+the same parity through the fused graph (one B-product, one stacked S MatMul, one A-product and a Split per group)
+against the fused PyTorch runtime. The unfused graphs' structure is pinned (``UNFUSED_DIGESTS``).
 """
 from __future__ import annotations
 
@@ -25,48 +29,122 @@ pytest.importorskip("onnxruntime_genai")
 FAMILIES = sorted(FAMILY_QUIRKS)
 SEQ = 40  # > 2 x the longest window (12) + the greedy prompt
 FP32_FLOOR_DB = 100.0
+FUSE = ("qkv", "gate_up")
+VARIANTS = [(f, v) for v in ("unfused", "fused") for f in FAMILIES]
+# structure_digest of the unfused fp32 logits / KV graphs of every family's test model, as written before fused
+# groups were lowered (commit 85c6d82; the model.onnx files were byte-identical after): the fused lowering must
+# leave unfused graphs exactly as they were. A deliberate change of the graph updates these.
+UNFUSED_DIGESTS = {
+    "gemma2": ("5cc0143afcde5e74", "366b98e575dcd4e2"), "llama": ("51680d3bb0cccaa3", "672832133208ab29"),
+    "mistral": ("c0619a06de21c463", "07560a7ca4920a6f"), "phi3": ("a511875c01d132cf", "84daf184114f21b8"),
+    "qwen2": ("fbf70331ad69606e", "ec0518ad546575ae"), "qwen3": ("ae653d0a533f09bc", "181f56e788950647"),
+}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_text_dir):
-    """family -> (artifact, onnx engine folder, verify result); built on first use."""
+    """(family, variant) -> (artifact, onnx engine folder, verify result, parity tokens); built on first use. The
+    fused variant prunes the same tiny model folder as the unfused one."""
     from engines.onnx_engine import OnnxLowering
 
     root, cache = tmp_path_factory.mktemp("families"), {}
 
-    def get(family: str):
-        if family not in cache:
-            art = family_artifact(root, family, tiny_text_dir / "calib")
+    def get(family: str, variant: str = "unfused"):
+        if (family, variant) not in cache:
+            fuse = FUSE if variant == "fused" else ()
+            tag = f"{family}-fused" if fuse else family
+            art = family_artifact(root, family, tiny_text_dir / "calib", fuse=fuse)
             low = OnnxLowering()
-            eng = low.lower(art, root / f"{family}-onnx", ExportConfig())
+            eng = low.lower(art, root / f"{tag}-onnx", ExportConfig())
             g = torch.Generator().manual_seed(0)
             toks = tuple(tuple(r) for r in torch.randint(3, 300, (1, SEQ), generator=g).tolist())
-            res = low.verify(art, eng, ExportConfig(report_dir=root / f"{family}-report", parity_tokens=toks))
-            cache[family] = (art, eng, res, torch.tensor(toks))
-        return cache[family]
+            res = low.verify(art, eng, ExportConfig(report_dir=root / f"{tag}-report", parity_tokens=toks))
+            cache[family, variant] = (art, eng, res, torch.tensor(toks))
+        return cache[family, variant]
 
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_onnx_logits_kv_and_genai_match_pytorch(built, family):
-    art, eng, res, _ = built(family)
+@pytest.mark.parametrize("family,variant", VARIANTS)
+def test_onnx_logits_kv_and_genai_match_pytorch(built, family, variant):
+    art, eng, res, _ = built(family, variant)
     fig = res["figures"]
     assert res["passed"], {k: v for k, v in res["checks"].items() if not v}
     assert fig["logits SQNR"] >= FP32_FLOOR_DB and fig["top-1 agreement"] == 1.0, fig
     greedy = next(k for k in fig if k.startswith("greedy"))
     assert fig[greedy] == "identical" and "genai" in greedy
-    doc = json.loads((art.parent / f"{family}-report" / "parity.json").read_text())
+    tag = f"{family}-fused" if variant == "fused" else family
+    doc = json.loads((art.parent / f"{tag}-report" / "parity.json").read_text())
     assert doc["meta"]["family"] == family and doc["meta"]["parity_tokens"]["seqlen"] == SEQ
+    layers = json.loads((art / "manifest.json").read_text())["layers"]
+    assert fig["per-layer SQNR (min over lowered linears)"] >= FP32_FLOOR_DB  # every member's slice of the Split
+    assert doc["checks"][0]["detail"]["layers"] == len(layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_form_prefill_then_chunk_past_the_window(built, family):
+def test_fused_graph_structure(built, family):
+    """Per decoder layer of the fused graph: one linear (3 MatMuls: B, S, A) per fused group and per unfused
+    projection, QK^T and PV; a Split per q/k/v and gate/up; the group's S initializer is the members' S stacked
+    (bit-exact), 2:4 along d_in and fed straight to its MatMul. Phi-3 (fused in the model): no groups, and the
+    graph is the unfused one."""
+    from armor_export.artifact import load_artifact
+    from engines.onnx_checks import check_s_initializers, op_counts, structure_digest
+
+    art_dir, eng, _, _ = built(family, "fused")
+    art = load_artifact(art_dir)
+    n = len({name.split(".")[2] for name in art.layers})  # decoder layers
+    counts = op_counts(eng / "logits" / "model.onnx")
+    groups = art.groups
+    if family == "phi3":
+        assert groups == {}
+        assert structure_digest(eng / "logits" / "model.onnx") == structure_digest(
+            built(family)[1] / "logits" / "model.onnx")
+    else:
+        assert sorted(g.rsplit(".", 1)[1] for g in groups) == ["gate_up_proj"] * n + ["qkv_proj"] * n
+    # 4 linears per layer either way (Phi-3 natively, the others fused), + attention's 2 MatMuls; 2 Splits
+    assert counts["MatMul"] == n * (4 * 3 + 2) and counts["Split"] == 2 * n, counts
+    rep = check_s_initializers(eng / "logits" / "model.onnx")
+    assert rep["passed"] and rep["count"] == 4 * n, rep["failures"]
+    for g, members in groups.items():
+        S = np.load(_initializer(eng / "logits", f"{g}.S"))
+        want = torch.cat([art.layers[m].factors.S for m in members]).numpy()
+        np.testing.assert_array_equal(S, want)
+        assert rep["layers"][f"{g}.S"]["consumer"] == "MatMul" and rep["layers"][f"{g}.S"]["k_axis"] == 1
+        B_t = np.load(_initializer(eng / "logits", f"{g}.B_t"))
+        np.testing.assert_array_equal(B_t, art.layers[members[0]].factors.B_blocks.transpose(-1, -2).numpy())
+        assert not any(f"{m}.S" in rep["layers"] for m in members)
+
+
+def _initializer(folder, name):
+    """One initializer of folder/model.onnx as an .npy file (external data read from disk)."""
+    import io
+
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(folder / "model.onnx"))
+    buf = io.BytesIO()
+    np.save(buf, numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == name)))
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unfused_graphs_are_unchanged(built, family):
+    from engines.onnx_checks import structure_digest
+
+    _, eng, _, _ = built(family)
+    got = (structure_digest(eng / "logits" / "model.onnx")[:16], structure_digest(eng / "genai" / "model.onnx")[:16])
+    assert got == UNFUSED_DIGESTS[family]
+
+
+@pytest.mark.parametrize("family,variant", VARIANTS)
+def test_kv_form_prefill_then_chunk_past_the_window(built, family, variant):
     """The KV graph fed a 13-token prefill, then the rest with the past: logits equal PyTorch's everywhere."""
     from engines.runners import OrtRunner
     from engines.torch_module import load_armor_model
 
-    art, eng, _, toks = built(family)
+    art, eng, _, toks = built(family, variant)
     ids = toks[:1]
     model, _ = load_armor_model(art)
     with torch.no_grad():
@@ -116,10 +194,11 @@ def test_genai_config_token_fallbacks_and_window(built):
                                                          "slide_inputs": False}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tensorrt_onnx_written_and_checked(built, family, tmp_path):
+@pytest.mark.parametrize("family,variant", VARIANTS)
+def test_tensorrt_onnx_written_and_checked(built, family, variant, tmp_path):
     """The TensorRT engine's fp16 ONNX: every S 2:4 along K and fed straight to its MatMul; run in ORT CPU.
-    (Where TensorRT is installed the engines are built too; the GPU build and its parity are test_trt.py's.)"""
+    (Where TensorRT is installed the engines are built too; the GPU build and its parity are test_trt.py's.)
+    Fused: one stacked S per group, so 4 S initializers per decoder layer instead of 7."""
     from engines import EngineUnavailable
     from engines.onnx_checks import check_s_initializers
     from engines.parity import TOLERANCES, error_stats
@@ -127,14 +206,16 @@ def test_tensorrt_onnx_written_and_checked(built, family, tmp_path):
     from engines.tensorrt import TensorRTLowering
     from engines.torch_module import load_armor_model
 
-    art, _, _, toks = built(family)
+    art, _, _, toks = built(family, variant)
     try:
         out = TensorRTLowering().lower(art, tmp_path / "trt", ExportConfig(dtype="fp16"))
     except EngineUnavailable:
         out = tmp_path / "trt"  # no TensorRT here: the checked ONNX is still written
     rep = check_s_initializers(out / "onnx" / "model.onnx")
-    n_layers = len(json.loads((art / "manifest.json").read_text())["layers"])
+    man = json.loads((art / "manifest.json").read_text())
+    n_layers = len(man["layers"]) - sum(len(g["members"]) - 1 for g in man.get("groups", {}).values())
     assert rep["passed"] and rep["count"] == n_layers
+    assert variant == "unfused" or family == "phi3" or n_layers == 4 * 2
     model, _ = load_armor_model(art)
     with torch.no_grad():
         ref = model(input_ids=toks[:1]).logits
