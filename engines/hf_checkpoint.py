@@ -50,6 +50,7 @@ CKPT_READS = (1, 2)
 WEIGHTS = "model.safetensors"  # version 1: every tensor in this one file
 WEIGHTS_INDEX = "model.safetensors.index.json"  # version 2: tensor name -> shard
 MAX_SHARD_BYTES = 1 << 30
+ABSENT = {"present": False, "is_24": False, "negative_zeros": None}  # s_bytes_report of a tensor not in the file
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
 FUSION_NOTE = ("unfused: q/k/v and gate/up have different input factors B, so each projection keeps its own "
@@ -257,7 +258,7 @@ def s_bytes_report(weights_file: Path, names: list[str]) -> dict[str, dict]:
         for name in names:
             h = header.get(name)
             if h is None:
-                out[name] = {"present": False, "is_24": False, "negative_zeros": None}
+                out[name] = dict(ABSENT)
                 continue
             width = SAFETENSORS_DTYPES.get(h["dtype"])
             if width is None:
@@ -281,14 +282,14 @@ def s_bytes_report(weights_file: Path, names: list[str]) -> dict[str, dict]:
 def checkpoint_s_report(ckpt_dir: Path, names: list[str]) -> dict[str, dict]:
     """``s_bytes_report`` over a checkpoint's shards (each S read from the file the index names)."""
     where = weight_files(ckpt_dir)
+    out = {n: dict(ABSENT) for n in names if n not in where}
     by_file: dict[Path, list[str]] = {}
     for n in names:
-        by_file.setdefault(where.get(n, Path(ckpt_dir) / WEIGHTS_INDEX), []).append(n)
-    out = {}
+        if n in where:
+            by_file.setdefault(where[n], []).append(n)
     for f, ns in by_file.items():
-        out.update(s_bytes_report(f, ns) if f.suffix == ".safetensors" else
-                   {n: {"present": False, "is_24": False, "negative_zeros": None} for n in ns})
-    return out
+        out.update(s_bytes_report(f, ns))
+    return {n: out[n] for n in names}
 
 
 def schema_problems(ckpt_dir: Path, art: Artifact | None = None) -> list[str]:
