@@ -67,7 +67,8 @@ def is_24(arr: np.ndarray, axis: int) -> tuple[bool, int]:
 
 
 def check_s_initializers(path, *, suffix: str = ".S") -> dict:
-    """Check every ``*.S`` initializer of the model at ``path`` (external data read from disk)."""
+    """Check every ``*.S`` initializer of the model at ``path`` (external data read from disk, one tensor
+    mapped at a time)."""
     import onnx_ir as ir
 
     model = ir.load(str(path))
@@ -97,6 +98,9 @@ def check_s_initializers(path, *, suffix: str = ".S") -> dict:
             res["negative_zeros"] = neg0
             if neg0:
                 problems.append(f"{neg0} zeros are -0.0")
+            del raw, arr
+        if hasattr(t, "release"):  # an external tensor keeps its mmap of the data file (its pages count as
+            t.release()            # resident) until released: one S mapped at a time, not all of them
         res["passed"] = not problems
         if problems:
             failures.append(f"{name}: {'; '.join(problems)}")

@@ -159,3 +159,32 @@ def test_refit_ablation_smoke(tiny_model_dir, tiny_text_dir, tmp_path):
     for r in res["runs"]:
         assert r["mean_output_loss_after"] < r["mean_output_loss_before"], r["method"]
         assert r["ppl_before"] > 0 and r["ppl_after"] > 0
+
+
+def test_onnx_speed_variants_take_turns(tiny_artifact):
+    from benchmarks import onnx_speed
+
+    order = []
+    onnx_speed.interleaved_medians({"x": lambda: order.append("x"), "y": lambda: order.append("y")}, reps=2, warmup=1)
+    assert order == ["x", "y"] * 3  # one warm-up round, then the variants take turns
+    assert [v[0] for v in onnx_speed.variants([tiny_artifact, tiny_artifact], ["u", "f"])] == ["dense", "u", "f"]
+    for bad in (["dense", "x"], ["x", "x"], ["x"]):
+        with pytest.raises(SystemExit):
+            onnx_speed.variants([tiny_artifact, tiny_artifact], bad)
+
+
+@pytest.mark.slow
+def test_onnx_speed_times_several_artifacts(tiny_artifact, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_speed
+    from benchmarks.synth import with_random_blocks
+
+    ab = with_random_blocks(tiny_artifact, tmp_path / "ab", identity=False)
+    res = onnx_speed.main(["--artifact", str(tiny_artifact), "--artifact", str(ab), "--name", "plain", "--name", "ab",
+                           "--work", str(tmp_path / "w"), "--threads", "1", "--reps", "2", "--decode-steps", "2",
+                           "--seq", "16", "--past", "8"])
+    assert set(res["artifacts"]) == {"dense", "plain", "ab"}
+    for k in ("dense", "plain", "ab"):
+        assert res[f"{k}_prefill_cpu_ms"] > 0 and res[f"{k}_decode_cpu_ms"] > 0 and res[f"{k}_bytes"] > 0
+    assert res["ab_bytes"] > res["plain_bytes"]  # the A/B blocks are in the graph
+    assert "ab_prefill_cpu_overhead_pct" in res and "dense_prefill_cpu_overhead_pct" not in res
