@@ -6,7 +6,8 @@ to ONNX fp16 and a TensorRT-LLM checkpoint, and verified, each stage in its own 
     python -m benchmarks.scale solve --b 32 128 --iterations 3 --json solve.json
 
 ``stages`` runs every stage as ``/usr/bin/time -v python -m armor_export ...`` and records its peak RSS (the
-kernel's maximum resident set size of the child), wall and CPU seconds. A watchdog stops a stage whose process
+kernel's maximum resident set size of the child), the peak anonymous RSS (sampled every 0.5 s: RSS without the
+file-backed pages of mmap'd weights, which the kernel can drop), wall and CPU seconds. A watchdog stops a stage whose process
 tree goes above ``--limit-gb`` of RSS (the machine is shared) and records the stage as stopped: that is a finding.
 ``solve`` times ARMOR's iterations on one 4096 x 14336 layer (Llama-3-8B's down_proj) at each block size.
 """
@@ -51,18 +52,23 @@ def stage_commands(model: Path, work: Path, iterations: int, samples: int, seqle
     }
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _tree_mem(proc: psutil.Process) -> tuple[int, int]:
+    """(RSS, anonymous RSS) of a process tree, bytes. Anonymous = RSS minus file-backed and shared pages: the
+    pages of mmap'd safetensors / ONNX data count in RSS but are clean page cache the kernel can drop, so the
+    anonymous part is the memory a stage really needs."""
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    rss = anon = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            m = p.memory_info()
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+        rss += m.rss
+        anon += m.rss - getattr(m, "shared", 0)
+    return rss, anon
 
 
 def run_stage(cmd: list[str], env: dict, limit_bytes: int, log: Path) -> dict:
@@ -70,9 +76,10 @@ def run_stage(cmd: list[str], env: dict, limit_bytes: int, log: Path) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], env=env, stdout=err, stderr=subprocess.STDOUT)
-        ps, stopped, seen = psutil.Process(proc.pid), False, 0
+        ps, stopped, seen, seen_anon = psutil.Process(proc.pid), False, 0, 0
         while proc.poll() is None:
-            seen = max(seen, _tree_rss(ps))
+            rss, anon = _tree_mem(ps)
+            seen, seen_anon = max(seen, rss), max(seen_anon, anon)
             if seen > limit_bytes:
                 for c in ps.children(recursive=True):
                     c.kill()
@@ -91,6 +98,7 @@ def run_stage(cmd: list[str], env: dict, limit_bytes: int, log: Path) -> dict:
     user, sys_ = field("User time (seconds)"), field("System time (seconds)")
     return {"rc": proc.returncode, "stopped_over_limit": stopped,
             "peak_rss_gib": round(int(rss_kb) / 2**20, 2) if rss_kb else round(seen / 2**30, 2),
+            "peak_anon_gib_sampled": round(seen_anon / 2**30, 2),
             "wall_s": round(wall, 1), "cpu_s": round(float(user) + float(sys_), 1) if user and sys_ else None,
             "log": str(log)}
 
