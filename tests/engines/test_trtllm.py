@@ -19,6 +19,13 @@ from engines import hf_checkpoint as hfc
 from engines.base import ExportConfig
 
 B = 8
+# sha256 (first 16 hex digits) of every file of the ``ckpt`` fixture (the synthetic artifact's unfused fp16 checkpoint)
+# except the owner marker, as written before fused groups were lowered (commit b7c5069): a checkpoint without fused
+# groups must stay byte-identical (format version 2). A deliberate change of the format updates these.
+UNFUSED_CKPT_DIGESTS = {
+    "config.json": "64cc6250f48068bb", "files.sha256": "1a3d16f1b89e109f", "generation_config.json": "92a5c418526e535f",
+    "model-00001-of-00001.safetensors": "2b0766b6aa84f3a6", "model.safetensors.index.json": "55264c9d83c8d0ff",
+    "tokenizer.json": "fb9e7a3a628a4efe", "tokenizer_config.json": "a32c88a67297bb9c"}
 
 
 def make_artifact(model_dir: Path, out: Path, *, neg_tiny: bool = False) -> Path:
@@ -72,6 +79,32 @@ def test_checkpoint_config_schema(ckpt, artifact):
     for f in ("tokenizer.json", "tokenizer_config.json", hfc.WEIGHTS_INDEX, hfc.shard_file(1, 1)):
         assert (ckpt / f).is_file()
     assert hfc.schema_problems(ckpt, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 (16 hex digits) of every file but the owner marker. A safetensors file is hashed as its header (sorted
+    JSON: the order of its metadata keys varies from run to run) and its data bytes; ``files.sha256`` as the file
+    names it lists (its hashes follow the shard bytes)."""
+    import hashlib
+    import struct
+
+    from armor_export.fsutil import MARKER
+
+    def canonical(p: Path) -> bytes:
+        raw = p.read_bytes()
+        if p.suffix == ".safetensors":
+            (n,) = struct.unpack("<Q", raw[:8])
+            return json.dumps(json.loads(raw[8:8 + n]), sort_keys=True).encode() + raw[8 + n:]
+        if p.name == "files.sha256":
+            return "\n".join(sorted(line.split()[-1] for line in raw.decode().splitlines())).encode()
+        return raw
+
+    return {p.name: hashlib.sha256(canonical(p)).hexdigest()[:16] for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != MARKER}
+
+
+def test_unfused_checkpoint_is_byte_identical_to_format_2(ckpt):
+    assert file_digests(ckpt) == UNFUSED_CKPT_DIGESTS
 
 
 def test_checkpoint_tensor_names_shapes_dtypes(ckpt):
