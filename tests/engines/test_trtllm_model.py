@@ -299,15 +299,20 @@ def _fused_setup(qkv_bias: bool = True):
         weights[f"{fqn}.B"] = torch.eye(B) + 0.05 * torch.randn(d_in // B, B, B, generator=g)
         if bias:
             weights[f"{fqn}.bias"] = torch.randn(d_out, generator=g)
+    return facts, layers, groups, weights, native_skeleton(shapes)
+
+
+def native_skeleton(paths) -> torch.nn.Module:
+    """A module tree with a native-like linear (``_NativeLike``) at each of ``paths``, for ``armorize``."""
     model = torch.nn.Module()
-    for path in shapes:
+    for path in paths:
         parent = model
         for part in path.split(".")[:-1]:
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
         parent.add_module(path.rsplit(".", 1)[1], _NativeLike())
-    return facts, layers, groups, weights, model
+    return model
 
 
 def _stacked_reference(weights: dict, fqn: str, x: torch.Tensor) -> torch.Tensor:
