@@ -66,6 +66,8 @@ MAX_SHARD_BYTES = 1 << 30
 ABSENT = {"present": False, "is_24": False, "negative_zeros": None}  # s_bytes_report of a tensor not in the file
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
+# armor.fusion: FUSION_NOTE when the artifact has no fused group (pruned without --fuse; also Phi-3, whose model has
+# qkv_proj / gate_up_proj and so no group to fuse), FUSED_NOTE when it has (format 3, armor.groups)
 FUSION_NOTE = ("unfused: q/k/v and gate/up have different input factors B, so each projection keeps its own "
                "A.S.B; TensorRT-LLM's fused qkv_proj / gate_up_proj are emulated by concatenating outputs")
 FUSED_NOTE = ("fused: each group in armor.groups (q/k/v, gate/up pruned as one stacked layer with one shared input "

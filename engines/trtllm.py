@@ -31,8 +31,9 @@ PARITY_WINDOWS, PARITY_MAX_TOKENS = 2, 128
 # families with an ARMOR class in engines.trtllm_model; the others, and why TensorRT-LLM cannot take them
 TRTLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 REFUSED = {
-    "phi3": "fused qkv_proj / gate_up_proj pruned as one A.S.B (TensorRT-LLM's Phi3ForCausalLM.load_weights "
-            "splits the dense fused weight by rows, which an ARMOR checkpoint does not have)",
+    "phi3": "its own loader: the model's qkv_proj / gate_up_proj are pruned as one A.S.B each, but TensorRT-LLM's "
+            "Phi3ForCausalLM.load_weights reads their dense fused weight and splits it by rows, which an ARMOR "
+            "checkpoint does not have",
     "gemma2": "a Gemma 2 decoder (no Gemma2ForCausalLM in the TensorRT-LLM PyTorch-backend model index read)",
 }
 

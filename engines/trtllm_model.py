@@ -45,8 +45,10 @@ each fused module its ``{S, A, B, bias}`` first. The native ``load_weights`` the
 ``weight_mapper`` / ``allow_partial_loading`` exactly when it names them, as the model loader's
 ``_call_load_weights`` does), so every piece of wiring it (or ``post_load_weights``) does is kept.
 
-Families: Llama, Mistral, Qwen2, Qwen3. Phi-3 is refused (TensorRT-LLM's ``Phi3ForCausalLM.load_weights``
-splits the dense fused ``qkv_proj.weight`` by rows, which an ARMOR checkpoint does not have) and so is
+Families: Llama, Mistral, Qwen2, Qwen3. Phi-3 is refused (its ``qkv_proj`` / ``gate_up_proj`` are pruned as one
+A.S.B each, the layout ``ArmorTrtllmFusedLinear`` runs, but TensorRT-LLM's own ``Phi3ForCausalLM.load_weights``
+reads the dense fused ``qkv_proj.weight`` / ``gate_up_proj.weight`` and splits them by rows, which an ARMOR
+checkpoint does not have, so the native load that follows the fused step would fail) and so is
 Gemma 2 (not in the PyTorch backend's model index read); ``engines.trtllm.TRTLLM_FAMILIES`` says so before
 any work. Tensor parallel size 1 (``TensorParallelUnsupported`` otherwise).
 """

@@ -344,12 +344,19 @@ def test_fused_group_through_the_native_lifecycle():
             m.create_weights()
     assert all(getattr(qkv, probe) is False for probe in QUANT_PROBES) and len(qkv._parameters) == 4
     snapshot = dict(weights)
-    assert load_fused_weights(model, weights) == ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"]
+    names = ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"]
+    assert load_fused_weights(model, weights) == names
     assert not any(".qkv_proj." in k or ".gate_up_proj." in k for k in weights)  # consumed
     seen = []
-    for mod in (qkv, gate_up):  # what the native loader hands the fused modules: nothing of theirs
-        orig = mod.load_weights
-        mod.load_weights = (lambda orig: lambda weights, **kw: (seen.append(weights), orig(weights=weights, **kw)))(orig)
+
+    def recorded(load):
+        def load_weights(weights, **kw):
+            seen.append(weights)
+            return load(weights=weights, **kw)
+        return load_weights
+
+    for mod in (qkv, gate_up):  # record what the native loader hands the fused modules: nothing of theirs
+        mod.load_weights = recorded(mod.load_weights)
     native_load(model, weights)
     assert seen == [[{}, {}, {}], [{}, {}]]
     for m in model.modules():
