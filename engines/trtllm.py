@@ -135,7 +135,8 @@ class TrtllmLowering:
         meta = {"engine": "trtllm", "checkpoint": str(engine_dir), "artifact": str(artifact_dir),
                 "dtype": ck["torch_dtype"], "tokens": list(tokens.shape),
                 "tokens_source": "caller" if cfg.parity_tokens else "seeded random ids (seed 0)",
-                "fusion": ck["armor"]["fusion"], "s_storage": ck["armor"]["s_storage"], "layers": len(s_names),
+                "fusion": ck["armor"]["fusion"], "fused_groups": len(ck["armor"].get("groups", {})),
+                "s_storage": ck["armor"]["s_storage"], "layers": len(s_names),
                 "torch": torch.__version__, "trtllm_targets": "TensorRT-LLM >= 1.0, PyTorch backend",
                 "seconds": round(time.perf_counter() - t0, 2)}
         res = write_report(cfg.report_dir or engine_dir, "ARMOR TensorRT-LLM checkpoint parity", checks, meta)

@@ -51,6 +51,7 @@ ones. Tensor parallel size 1 only (the factors are not sharded).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -258,6 +259,22 @@ def load_fused_weights(model: nn.Module, weights, allow_partial_loading: bool = 
         if hasattr(weights, "mark_consumed"):
             weights.mark_consumed(name)
     return list(fused)
+
+
+def load_fused_first(model: nn.Module, native_load_weights, weights, weight_mapper=None,
+                     allow_partial_loading: bool = False, **kwargs):
+    """The ARMOR model classes' ``load_weights``: ``load_fused_weights``, then the native ``load_weights`` (the
+    bound method of the native class), given ``weight_mapper`` / ``allow_partial_loading`` only where its signature
+    names them, as TensorRT-LLM's model loader (``_call_load_weights``) calls a model's."""
+    load_fused_weights(model, weights, allow_partial_loading=allow_partial_loading)
+    names = inspect.getfullargspec(native_load_weights).args
+    if "weight_mapper" in names:
+        kwargs["weight_mapper"] = weight_mapper
+    if "allow_partial_loading" in names:
+        kwargs["allow_partial_loading"] = allow_partial_loading
+    elif allow_partial_loading:
+        raise ValueError(f"{type(model).__name__}: this TensorRT-LLM release's load_weights has no partial loading")
+    return native_load_weights(weights, **kwargs)
 
 
 def _probe(self) -> bool:

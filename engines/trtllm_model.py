@@ -55,12 +55,11 @@ any work. Tensor parallel size 1 (``TensorParallelUnsupported`` otherwise).
 from __future__ import annotations
 
 import importlib
-import inspect
 
 import torch
 
 from armor_export.adapters import model_facts
-from engines.trtllm_linear import TensorParallelUnsupported, armorize, load_fused_weights, projection_plan
+from engines.trtllm_linear import TensorParallelUnsupported, armorize, load_fused_first, projection_plan
 
 INSTALL_HINT = ("TensorRT-LLM is not installed. On a Linux machine with an NVIDIA GPU (sm80+ for 2:4 "
                 "kernels) and CUDA 12/13: `pip install tensorrt-llm` (or use the NGC container "
@@ -117,18 +116,8 @@ class ArmorModelMixin:
         armorize(self, self.armor_plan, dtype)
 
     def load_weights(self, weights, weight_mapper=None, allow_partial_loading: bool = False, **kwargs):
-        """Fused groups first (``load_fused_weights``), then the native ``load_weights``, given ``weight_mapper``
-        and ``allow_partial_loading`` only where it names them."""
-        load_fused_weights(self, weights, allow_partial_loading=allow_partial_loading)
-        native = super().load_weights
-        names = inspect.getfullargspec(native).args
-        if "weight_mapper" in names:
-            kwargs["weight_mapper"] = weight_mapper
-        if "allow_partial_loading" in names:
-            kwargs["allow_partial_loading"] = allow_partial_loading
-        elif allow_partial_loading:
-            raise ValueError(f"{type(self).__name__}: this TensorRT-LLM release's load_weights has no partial loading")
-        return native(weights, **kwargs)
+        """Fused groups first, then the native ``load_weights`` (``engines.trtllm_linear.load_fused_first``)."""
+        return load_fused_first(self, super().load_weights, weights, weight_mapper, allow_partial_loading, **kwargs)
 
 
 _LLAMA, _MISTRAL, _QWEN2, _QWEN3 = (_native(f) for f in ("llama", "mistral", "qwen2", "qwen3"))

@@ -357,6 +357,14 @@ def test_semi_structured_parity_on_cuda(ckpt):
     assert all(c.passed for c in res["checks"]), res["stats"]
 
 
+@pytest.mark.gpu
+def test_fused_semi_structured_parity_on_cuda(fused_ckpt):
+    from engines.trtllm_gpu_check import gpu_parity
+
+    res = gpu_parity(fused_ckpt, torch.randint(0, 300, (2, 64)))
+    assert res["layers"] == 8 and all(c.passed for c in res["checks"]), res["stats"]
+
+
 @pytest.mark.slow
 def test_cli_trtllm_end_to_end_default_model(tmp_path):
     out = tmp_path / "run"

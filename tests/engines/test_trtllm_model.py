@@ -416,3 +416,65 @@ def test_fused_module_pickles_and_builds_in_a_fresh_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.pkl")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "128 (64, 32, 32)"
+
+
+def test_armor_model_load_weights_calls_the_native_one_as_the_model_loader_would():
+    """``load_fused_first`` (the ARMOR model classes' load_weights): fused modules loaded before the native
+    load_weights runs; ``weight_mapper`` / ``allow_partial_loading`` passed exactly when the native signature names
+    them (TensorRT-LLM releases differ); partial loading asked of a native loader without it is a clear error."""
+    from engines.trtllm_linear import armorize, load_fused_first, projection_plan
+
+    facts, layers, groups, weights, model = _fused_setup()
+    armorize(model, projection_plan(facts, layers, groups), torch.float32)
+    for m in model.modules():
+        if isinstance(m, ArmorTrtllmLinear):
+            m.create_weights()
+    calls = []
+
+    def v1(weights):
+        calls.append("v1")
+        native_load(model, weights)
+
+    def v2(weights, weight_mapper=None):
+        calls.append(("v2", weight_mapper))
+        native_load(model, weights)
+
+    def v3(weights, weight_mapper=None, allow_partial_loading=False):
+        calls.append(("v3", weight_mapper, allow_partial_loading))
+        native_load(model, weights)
+
+    mapper = object()
+    load_fused_first(model, v1, dict(weights), mapper)
+    load_fused_first(model, v2, dict(weights), mapper)
+    load_fused_first(model, v3, dict(weights), mapper, allow_partial_loading=True)
+    assert calls == ["v1", ("v2", mapper), ("v3", mapper, True)]
+    x = torch.randn(3, 64)
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    torch.testing.assert_close(model.get_submodule(qkv)(x), _stacked_reference(weights, qkv, x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no partial loading"):
+        load_fused_first(model, v2, dict(weights), mapper, allow_partial_loading=True)
+
+
+@pytest.mark.gpu
+def test_fused_module_runs_its_stacked_s_semi_structured_on_cuda():
+    """On CUDA in fp16 the stacked S of a fused module becomes ONE semi-structured tensor; the output matches the
+    dense fp32 stacked reference within fp16 error."""
+    from engines.parity import sqnr_db
+    from engines.trtllm_linear import ArmorTrtllmFusedLinear, Part
+    from solver.sparsity import mask_24
+
+    g = torch.Generator().manual_seed(0)
+    members, split, d_in = ("l.q_proj", "l.k_proj", "l.v_proj"), (256, 128, 128), 256
+    part = Part("l.qkv_proj", sum(split), d_in, True, B, True, True, True, members, split)
+    S = torch.randn(sum(split), d_in, generator=g)
+    w = {"S": S * mask_24(S.abs()), "A": torch.eye(B) + 0.05 * torch.randn(sum(split) // B, B, B, generator=g),
+         "B": torch.eye(B) + 0.05 * torch.randn(d_in // B, B, B, generator=g), "bias": torch.randn(sum(split), generator=g)}
+    mod = ArmorTrtllmFusedLinear((part,), dtype=torch.float16, like=_NativeLike())
+    mod.create_weights()
+    mod.to("cuda")
+    mod.load_weights(weights=[{k: v.cuda() for k, v in w.items()}])
+    mod.post_load_weights()
+    assert mod.semi_structured_parts == 1
+    x = torch.randn(64, d_in, generator=g)
+    got = mod(x.cuda().half()).float().cpu()
+    assert sqnr_db(_stacked_reference({f"l.qkv_proj.{k}": v for k, v in w.items()}, "l.qkv_proj", x), got) >= 30
