@@ -38,8 +38,8 @@ ALWAYS given one dict per member, each filtered by the member's name (``...self_
 through the kv-head duplication (only ``weight`` / ``bias`` keys are touched; at f59aed07 it reads
 ``weights['weight']``, which no ARMOR dict has, fused or not). A checkpoint holding the group under the fused
 name therefore reaches a fused module as ``[{}, {}, {}]`` / ``[{}, {}]``: the fused tensors never arrive through
-that path. So the ARMOR model class hands them over first: ``load_fused_weights(model, weights)`` (called by
-``engines.trtllm_model.ArmorModelMixin.load_weights`` before the native ``load_weights``) gives each fused module
+that path. So the ARMOR model class hands them over first: ``load_fused_weights(model, weights)`` (run by
+``load_fused_first``, the ARMOR model classes' ``load_weights``, before the native one) gives each fused module
 the one dict ``{"S", "A", "B", "bias"}`` under its own name (the layout the native loaders give a module whose
 name is not fused: ``[filter_weights(name)]``) and marks those tensors consumed where the weights dict can; the
 fused module then accepts the native per-member call with empty dicts as "already loaded" (and refuses
