@@ -1,12 +1,13 @@
 """The ARMOR Hugging-Face-style checkpoint folder (what TensorRT-LLM's PyTorch backend loads).
 
-Layout (format ``armor-export/hf-checkpoint``, version 2):
+Layout (format ``armor-export/hf-checkpoint``, version 2; version 3 when the artifact has fused groups):
   config.json          the source config, plus
                          ``architectures``: [our registered class, e.g. "ArmorLlamaForCausalLM"]
                          ``torch_dtype`` / ``dtype``: the checkpoint dtype
                          ``armor``: format, format_version, block_size, targets (local projection names),
                                     layers {fqn: shape, block_size, has_A, has_B, has_bias},
-                                    s_storage, fusion, source_architectures
+                                    s_storage, fusion, source_architectures,
+                                    groups {fused fqn: {members, split}} (version 3 only)
   model-0000i-of-0000n.safetensors + model.safetensors.index.json (Hugging Face sharding: the index's
   ``weight_map`` names each tensor's shard; shards hold at most ``max_shard_bytes``, default 1 GiB, or one
   tensor when a tensor is larger), together holding, per pruned projection ``{fqn}``:
@@ -18,16 +19,26 @@ Layout (format ``armor-export/hf-checkpoint``, version 2):
   tokenizer / generation files copied from the artifact.
 Version 1 (one ``model.safetensors``, no index) is still read.
 The shards are written one at a time from the lazily read artifact, so writing holds at most one shard
-(plus one layer) in memory. TensorRT-LLM's PyTorch backend reads every ``*.safetensors`` of the folder
-(``HfWeightLoader.load_weights`` in tensorrt_llm/_torch/models/checkpoints/hf/weight_loader.py, read at
-NVIDIA/TensorRT-LLM commit 149b221391edea2c3ef09390083aa4805e2461a2), so shards need no change there.
+(plus one layer, or one fused group) in memory. TensorRT-LLM's PyTorch backend reads every ``*.safetensors``
+of the folder (``HfWeightLoader.load_weights`` in tensorrt_llm/_torch/models/checkpoints/hf/weight_loader.py,
+read at NVIDIA/TensorRT-LLM commit 149b221391edea2c3ef09390083aa4805e2461a2), so shards need no change there.
 S is stored dense (not packed) because that is what ``torch.sparse.to_sparse_semi_structured`` and
 TensorRT's weight-sparsity detection consume; the zeros cost 2x S's bytes on disk.
-Projections are never fused: q/k/v and gate/up each carry their own B (input factor), so a fused
-GEMM would need B shared; the armor block records this as ``fusion``.
+
+Fusion (``armor.fusion`` says which case a checkpoint is): an artifact pruned without ``--fuse`` gives every
+q/k/v and gate/up projection its own input factor B, so each keeps its own A.S.B (``FUSION_NOTE``; version 2,
+written byte for byte as before fused groups existed). A fused group of the artifact (``--fuse qkv,gate_up``:
+the members solved as one stacked layer with one shared B) is stored ONCE, under TensorRT-LLM's native fused
+name (``model.layers.N.self_attn.qkv_proj``, ``model.layers.N.mlp.gate_up_proj``): S = the members' S stacked
+by rows (still 2:4 along d_in), A = the members' A blocks concatenated (block-diagonal over the stacked
+output), B = the one shared B, bias = the members' biases stacked (zeros for a member without one);
+``armor.layers`` lists the group under its fused name with the stacked shape, ``armor.groups`` gives its
+members and split sizes (``FUSED_NOTE``; version 3). Projections outside a group (o_proj, down_proj, or a
+group left unfused by ``--ignore``) are stored as in version 2.
 
 ``load_checkpoint_model(dir, dtype=, device=, semi_structured=)`` loads it into the plain PyTorch
-runtime (``engines.torch_module.ArmorLinear``); the same function serves CPU and CUDA checks.
+runtime (``engines.torch_module.ArmorLinear``; a fused group as one ``ArmorLinear`` split by
+``FusedArmor``/``FusedPart``); the same function serves CPU and CUDA checks.
 """
 from __future__ import annotations
 
@@ -42,19 +53,28 @@ from armor_export.adapters import family_for, split_name
 from armor_export.artifact import Artifact, copy_model_files, load_artifact
 from armor_export.fsutil import atomic_dir
 from engines.parity import DTYPES
+from solver.fused import stack_biases, stack_factorizations
 from solver.sparsity import is_24, positive_zeros
 
 CKPT_FORMAT = "armor-export/hf-checkpoint"
-CKPT_VERSION = 2
-CKPT_READS = (1, 2)
+CKPT_VERSION = 2  # written when the artifact has no fused group (byte-identical to before fusion)
+CKPT_FUSED_VERSION = 3  # written when it has: groups stored once under their native fused name
+CKPT_READS = (1, 2, 3)
 WEIGHTS = "model.safetensors"  # version 1: every tensor in this one file
 WEIGHTS_INDEX = "model.safetensors.index.json"  # version 2: tensor name -> shard
 MAX_SHARD_BYTES = 1 << 30
 ABSENT = {"present": False, "is_24": False, "negative_zeros": None}  # s_bytes_report of a tensor not in the file
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
+# armor.fusion: FUSION_NOTE when the artifact has no fused group (pruned without --fuse; also Phi-3, whose model has
+# qkv_proj / gate_up_proj and so no group to fuse), FUSED_NOTE when it has (format 3, armor.groups)
 FUSION_NOTE = ("unfused: q/k/v and gate/up have different input factors B, so each projection keeps its own "
                "A.S.B; TensorRT-LLM's fused qkv_proj / gate_up_proj are emulated by concatenating outputs")
+FUSED_NOTE = ("fused: each group in armor.groups (q/k/v, gate/up pruned as one stacked layer with one shared input "
+              "factor B, armor-export --fuse) is stored once under TensorRT-LLM's fused name (qkv_proj, gate_up_proj): "
+              "S the members' S stacked by rows (2:4 along d_in), A their A blocks concatenated, B the shared B, bias "
+              "stacked; it runs as one A.S.B whose output is split by armor.groups[...].split; projections outside a "
+              "group keep their own A.S.B")
 
 
 class CheckpointError(ValueError):
@@ -74,23 +94,42 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def checkpoint_tensors(art: Artifact, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint, cast to ``dtype``, one at a time (the artifact is read lazily, one
     layer per access); zeros of S are +0.0 after the cast (a tiny negative value rounds to -0.0 in
-    fp16/bf16 and is normalised here)."""
+    fp16/bf16 and is normalised here). A fused group is written once, under its fused name, where its first
+    member comes in the artifact's layer order (``group_factors``)."""
     def ready(t: torch.Tensor) -> torch.Tensor:
         return t.detach().contiguous().cpu()
 
     for name in art.base:
         t = art.base[name]
         yield name, ready(t.to(dtype) if t.is_floating_point() else t)
+    group_of = {m: g for g, ms in art.groups.items() for m in ms}
+    done: set[str] = set()
     for fqn in art.layers:
-        lf = art.layers[fqn]
-        f = lf.factors
+        if fqn in group_of:
+            g = group_of[fqn]
+            if g in done:
+                continue
+            done.add(g)
+            fqn, (f, bias) = g, group_factors(art, g)
+        else:
+            lf = art.layers[fqn]
+            f, bias = lf.factors, lf.bias
         yield f"{fqn}.S", ready(positive_zeros(f.S.to(dtype)))
         if f.A_blocks is not None:
             yield f"{fqn}.A", ready(f.A_blocks.to(dtype))
         if f.B_blocks is not None:
             yield f"{fqn}.B", ready(f.B_blocks.to(dtype))
-        if lf.bias is not None:
-            yield f"{fqn}.bias", ready(lf.bias.to(dtype))
+        if bias is not None:
+            yield f"{fqn}.bias", ready(bias.to(dtype))
+
+
+def group_factors(art: Artifact, group: str):
+    """(stacked factorization, stacked bias or None) of a fused group: S and A of the members stacked in
+    member order, their one shared B (``solver.fused.stack_factorizations`` refuses members that do not share it)."""
+    members = art.groups[group]
+    lfs = [art.layers[m] for m in members]
+    return (stack_factorizations([lf.factors for lf in lfs]),
+            stack_biases([lf.bias for lf in lfs], [lf.factors.S.shape[0] for lf in lfs]))
 
 
 def shard_file(i: int, n: int) -> str:
@@ -169,25 +208,36 @@ def armor_config(art: Artifact, source_config: dict, dtype: torch.dtype) -> dict
     has = _tensor_names(art)
     sizes = {e["block_size"] for e in entries.values()} - {None}
     targets = sorted({split_name(fam, n)[1] for n in art.layers})
+    groups = art.groups
+    grouped = {m for ms in groups.values() for m in ms}
+    layers = {n: {"shape": list(e["shape"]), "block_size": e["block_size"],
+                  "has_A": f"{n}.A_blocks" in has, "has_B": f"{n}.B_blocks" in has,
+                  "has_bias": bool(e["has_bias"])} for n, e in entries.items() if n not in grouped}
+    split = {g: [entries[m]["shape"][0] for m in ms] for g, ms in groups.items()}
+    for g, ms in groups.items():  # the stacked layer, stored under the fused name
+        first = ms[0]
+        layers[g] = {"shape": [sum(split[g]), entries[first]["shape"][1]], "block_size": entries[first]["block_size"],
+                     "has_A": f"{first}.A_blocks" in has, "has_B": f"{first}.B_blocks" in has,
+                     "has_bias": any(bool(entries[m]["has_bias"]) for m in ms)}
     cfg = dict(source_config)
     cfg.pop("quantization_config", None)
     cfg["architectures"] = [fam.trtllm_architecture]
     cfg["torch_dtype"] = cfg["dtype"] = DTYPE_NAMES[dtype]
     cfg["armor"] = {
         "format": CKPT_FORMAT,
-        "format_version": CKPT_VERSION,
+        "format_version": CKPT_FUSED_VERSION if groups else CKPT_VERSION,
         "family": fam.name,
         "block_size": sizes.pop() if len(sizes) == 1 else None,
         "targets": targets,
-        "layers": {n: {"shape": list(e["shape"]), "block_size": e["block_size"],
-                       "has_A": f"{n}.A_blocks" in has, "has_B": f"{n}.B_blocks" in has,
-                       "has_bias": bool(e["has_bias"])} for n, e in entries.items()},
+        "layers": layers,
         "s_storage": "dense, 2:4 along d_in (axis 1), +0.0 zeros",
         "product": "y = ((x . B^T) . S^T) . A^T + bias (A, B block-diagonal, stored as [n, b, b] blocks)",
-        "fusion": FUSION_NOTE,
+        "fusion": FUSED_NOTE if groups else FUSION_NOTE,
         "source_architectures": source_config.get("architectures"),
         "method": art.manifest.get("method"),
     }
+    if groups:
+        cfg["armor"]["groups"] = {g: {"members": list(ms), "split": split[g]} for g, ms in groups.items()}
     return cfg
 
 
@@ -215,7 +265,8 @@ def write_checkpoint(artifact_dir: Path, out_dir: Path, *, dtype: str | torch.dt
             (tmp / extra).unlink(missing_ok=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_shards(tmp, checkpoint_tensors(art, dt), max_shard_bytes,
-                     {"format": "pt", "armor_format": CKPT_FORMAT, "armor_format_version": str(CKPT_VERSION)})
+                     {"format": "pt", "armor_format": CKPT_FORMAT,
+                      "armor_format_version": str(cfg["armor"]["format_version"])})
     return Path(out_dir)
 
 
@@ -340,9 +391,14 @@ def schema_problems(ckpt_dir: Path, art: Artifact | None = None) -> list[str]:
                 problems.append(f"tensor {name} has dtype {h['dtype']}, expected {st_dtype}")
         if f"{fqn}.weight" in header:
             problems.append(f"tensor {fqn}.weight present: pruned projections must be stored as A/S/B")
+    problems += _group_problems(armor, header)
     if art is not None:
-        if set(armor.get("layers", {})) != set(art.layers):
-            problems.append("armor.layers does not list exactly the artifact's pruned linears")
+        grouped = {m for ms in art.groups.values() for m in ms}
+        if set(armor.get("layers", {})) != (set(art.layers) - grouped) | set(art.groups):
+            problems.append("armor.layers does not list exactly the artifact's pruned linears (fused groups under "
+                            "their fused name)")
+        if {g: tuple(r.get("members", ())) for g, r in armor.get("groups", {}).items()} != art.groups:
+            problems.append("armor.groups does not list exactly the artifact's fused groups")
         for name, t in art.base.items():
             h = header.get(name)
             if h is None:
@@ -350,6 +406,29 @@ def schema_problems(ckpt_dir: Path, art: Artifact | None = None) -> list[str]:
             elif h["shape"] != list(t.shape):
                 problems.append(f"base tensor {name} has shape {h['shape']}, expected {list(t.shape)}")
     return problems
+
+
+def _group_problems(armor: dict, header: dict) -> list[str]:
+    """Fused groups: only in version 3, each a layer of armor.layers whose rows the split covers on block
+    boundaries, and no member stored on its own."""
+    groups, layers, out = armor.get("groups", {}), armor.get("layers", {}), []
+    if groups and armor.get("format_version") != CKPT_FUSED_VERSION:
+        out.append(f"armor.groups present in a format_version {armor.get('format_version')} checkpoint (fused groups "
+                   f"are format_version {CKPT_FUSED_VERSION})")
+    for g, rec in groups.items():
+        info, members, split = layers.get(g), list(rec.get("members") or ()), list(rec.get("split") or ())
+        if info is None:
+            out.append(f"fused group {g} is not in armor.layers")
+        elif len(members) < 2 or len(split) != len(members) or sum(split) != info["shape"][0]:
+            out.append(f"fused group {g}: split {split} over members {members} does not cover its "
+                       f"{info['shape'][0]} rows")
+        elif info.get("block_size") and any(n % info["block_size"] for n in split):
+            out.append(f"fused group {g}: block size {info['block_size']} does not divide the split {split}")
+        for m in members:
+            alone = sorted(k for k in header if k.startswith(f"{m}."))
+            if m in layers or alone:
+                out.append(f"fused group {g}: member {m} is also stored on its own ({alone[:3]})")
+    return out
 
 
 # ---------------------------------------------------------------- the plain PyTorch runtime
@@ -363,7 +442,7 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engines.torch_module import ArmorLinear, set_submodule
+    from engines.torch_module import ArmorLinear, FusedArmor, FusedPart, set_submodule
 
     ckpt_dir = Path(ckpt_dir)
     cfg = read_config(ckpt_dir)
@@ -375,17 +454,25 @@ def load_checkpoint_model(ckpt_dir: Path, *, dtype: str | torch.dtype | None = N
         tensors.update(load_file(str(f)))
     config = AutoConfig.from_pretrained(ckpt_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    layers = cfg["armor"]["layers"]
+    layers, groups = cfg["armor"]["layers"], cfg["armor"].get("groups", {})
     for fqn in layers:
         get = (lambda s: None if f"{fqn}.{s}" not in tensors else tensors.pop(f"{fqn}.{s}").to(dt))
         S = get("S")
         if S is None or not is_24(S):
             raise CheckpointError(f"{files.get(f'{fqn}.S', ckpt_dir / WEIGHTS_INDEX)}: {fqn}.S missing or not 2:4")
-        set_submodule(model, fqn, ArmorLinear(S, get("A"), get("B"), get("bias")))
+        linear = ArmorLinear(S, get("A"), get("B"), get("bias"))
+        if fqn not in groups:
+            set_submodule(model, fqn, linear)
+            continue
+        group = FusedArmor(linear, groups[fqn]["split"])  # one A.S.B, its output split among the members
+        set_submodule(model, fqn, group)
+        for j, member in enumerate(groups[fqn]["members"]):
+            set_submodule(model, member, FusedPart(group, j))
     missing, unexpected = model.load_state_dict({k: v.to(dt) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    armor_bufs = {n for n in missing if n.rpartition(".")[0] in layers}
+    owners = set(layers) | {f"{g}.linear" for g in groups}
+    armor_bufs = {n for n in missing if n.rpartition(".")[0] in owners}
     bad = sorted(set(missing) - tied - armor_bufs)
     if bad or unexpected:
         raise CheckpointError(f"{ckpt_dir}: the weights do not match config.json (missing {bad[:5]}, "

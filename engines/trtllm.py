@@ -31,8 +31,9 @@ PARITY_WINDOWS, PARITY_MAX_TOKENS = 2, 128
 # families with an ARMOR class in engines.trtllm_model; the others, and why TensorRT-LLM cannot take them
 TRTLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 REFUSED = {
-    "phi3": "fused qkv_proj / gate_up_proj pruned as one A.S.B (TensorRT-LLM's Phi3ForCausalLM.load_weights "
-            "splits the dense fused weight by rows, which an ARMOR checkpoint does not have)",
+    "phi3": "its own loader: the model's qkv_proj / gate_up_proj are pruned as one A.S.B each, but TensorRT-LLM's "
+            "Phi3ForCausalLM.load_weights reads their dense fused weight and splits it by rows, which an ARMOR "
+            "checkpoint does not have",
     "gemma2": "a Gemma 2 decoder (no Gemma2ForCausalLM in the TensorRT-LLM PyTorch-backend model index read)",
 }
 
@@ -134,7 +135,8 @@ class TrtllmLowering:
         meta = {"engine": "trtllm", "checkpoint": str(engine_dir), "artifact": str(artifact_dir),
                 "dtype": ck["torch_dtype"], "tokens": list(tokens.shape),
                 "tokens_source": "caller" if cfg.parity_tokens else "seeded random ids (seed 0)",
-                "fusion": ck["armor"]["fusion"], "s_storage": ck["armor"]["s_storage"], "layers": len(s_names),
+                "fusion": ck["armor"]["fusion"], "fused_groups": len(ck["armor"].get("groups", {})),
+                "s_storage": ck["armor"]["s_storage"], "layers": len(s_names),
                 "torch": torch.__version__, "trtllm_targets": "TensorRT-LLM >= 1.0, PyTorch backend",
                 "seconds": round(time.perf_counter() - t0, 2)}
         res = write_report(cfg.report_dir or engine_dir, "ARMOR TensorRT-LLM checkpoint parity", checks, meta)

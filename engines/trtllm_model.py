@@ -34,13 +34,21 @@ Read against NVIDIA/TensorRT-LLM (files and the commits of the versions read, vi
 
 How the ARMOR classes join that lifecycle: each ``Armor<Family>ForCausalLM`` subclasses the native class and
 only, after the native ``__init__``, swaps the native ``qkv_proj`` / ``o_proj`` / ``gate_up_proj`` /
-``down_proj`` holding pruned projections for ``ArmorTrtllmLinear`` modules. Those implement
+``down_proj`` holding pruned projections for ``ArmorTrtllmLinear`` modules, and a native module that is a fused
+group of the checkpoint (``armor.groups``, format 3) for one ``ArmorTrtllmFusedLinear``. Those implement
 ``create_weights`` / ``load_weights`` / ``post_load_weights``, so the native ``__post_init__``, the native
-``load_weights`` (v1 and v2) and the model loader's ``post_load_weights`` pass drive them; ``load_weights``
-is not overridden, so every piece of wiring it (or ``post_load_weights``) does is kept.
+``load_weights`` (v1 and v2) and the model loader's ``post_load_weights`` pass drive them. ``load_weights`` is
+overridden only to run one step before the native one: the native loaders give a ``qkv_proj`` / ``gate_up_proj``
+module one dict per member, filtered by the members' names, so a group stored once under its fused name would
+reach it as empty dicts (``engines.trtllm_linear`` names the loader files read); ``load_fused_weights`` hands
+each fused module its ``{S, A, B, bias}`` first. The native ``load_weights`` then runs unchanged (called with
+``weight_mapper`` / ``allow_partial_loading`` exactly when it names them, as the model loader's
+``_call_load_weights`` does), so every piece of wiring it (or ``post_load_weights``) does is kept.
 
-Families: Llama, Mistral, Qwen2, Qwen3. Phi-3 is refused (TensorRT-LLM's ``Phi3ForCausalLM.load_weights``
-splits the dense fused ``qkv_proj.weight`` by rows, which an ARMOR checkpoint does not have) and so is
+Families: Llama, Mistral, Qwen2, Qwen3. Phi-3 is refused (its ``qkv_proj`` / ``gate_up_proj`` are pruned as one
+A.S.B each, the layout ``ArmorTrtllmFusedLinear`` runs, but TensorRT-LLM's own ``Phi3ForCausalLM.load_weights``
+reads the dense fused ``qkv_proj.weight`` / ``gate_up_proj.weight`` and splits them by rows, which an ARMOR
+checkpoint does not have, so the native load that follows the fused step would fail) and so is
 Gemma 2 (not in the PyTorch backend's model index read); ``engines.trtllm.TRTLLM_FAMILIES`` says so before
 any work. Tensor parallel size 1 (``TensorParallelUnsupported`` otherwise).
 """
@@ -51,7 +59,7 @@ import importlib
 import torch
 
 from armor_export.adapters import model_facts
-from engines.trtllm_linear import TensorParallelUnsupported, armorize, projection_plan
+from engines.trtllm_linear import TensorParallelUnsupported, armorize, load_fused_first, projection_plan
 
 INSTALL_HINT = ("TensorRT-LLM is not installed. On a Linux machine with an NVIDIA GPU (sm80+ for 2:4 "
                 "kernels) and CUDA 12/13: `pip install tensorrt-llm` (or use the NGC container "
@@ -104,8 +112,12 @@ class ArmorModelMixin:
                              "`armor-export export --engine trtllm`")
         dtype = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None)
         dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-        self.armor_plan = projection_plan(model_facts(cfg), armor["layers"])
+        self.armor_plan = projection_plan(model_facts(cfg), armor["layers"], armor.get("groups"))
         armorize(self, self.armor_plan, dtype)
+
+    def load_weights(self, weights, weight_mapper=None, allow_partial_loading: bool = False, **kwargs):
+        """Fused groups first, then the native ``load_weights`` (``engines.trtllm_linear.load_fused_first``)."""
+        return load_fused_first(self, super().load_weights, weights, weight_mapper, allow_partial_loading, **kwargs)
 
 
 _LLAMA, _MISTRAL, _QWEN2, _QWEN3 = (_native(f) for f in ("llama", "mistral", "qwen2", "qwen3"))

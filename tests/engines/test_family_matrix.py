@@ -10,7 +10,9 @@ and one "onnx" engine folder per family and variant (module-scoped), one parity 
 window). The "fused" variant prunes with ``--fuse qkv,gate_up`` (one stacked layer and one shared B per q/k/v and
 gate/up group; Phi-3's projections are fused in the model already, so its fused variant has no groups) and checks
 the same parity through the fused graph (one B-product, one stacked S MatMul, one A-product and a Split per group)
-against the fused PyTorch runtime. The unfused graphs' structure is pinned (``UNFUSED_DIGESTS``).
+against the fused PyTorch runtime. The unfused graphs' structure is pinned (``UNFUSED_DIGESTS``). The TensorRT-LLM
+checkpoint of both variants loads back identically (fp32) and its ARMOR TensorRT-LLM modules, loaded the way
+TensorRT-LLM loads them, reproduce the runtime module by module (a fused group: one module under the native name).
 """
 from __future__ import annotations
 
@@ -243,22 +245,29 @@ def test_unsupported_feature_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_trtllm_checkpoint_loads_back_or_is_refused(built, family, tmp_path):
-    """The TensorRT-LLM checkpoint of every family loads back (engines.hf_checkpoint, no TensorRT-LLM) with logits
-    identical to the artifact's runtime in fp32 (same operations on the same values: max |diff| == 0). For the
-    families TensorRT-LLM takes, the ARMOR module plan covers exactly the checkpoint's ARMOR tensors; the others
-    (Phi-3, Gemma 2) are refused by requires() naming family and engine."""
+@pytest.mark.parametrize("family,variant", VARIANTS)
+def test_trtllm_checkpoint_loads_back_or_is_refused(built, family, variant, tmp_path):
+    """The TensorRT-LLM checkpoint of every family and variant loads back (engines.hf_checkpoint, no TensorRT-LLM)
+    with logits identical to the artifact's runtime in fp32 (same operations on the same values: max |diff| == 0;
+    fused: the fused runtime, one ArmorLinear per group). For the families TensorRT-LLM takes, the ARMOR module plan
+    covers exactly the checkpoint's ARMOR tensors, and each fused group is one fused module under the native name
+    (format 3; the unfused form stays format 2); the others (Phi-3, Gemma 2) are refused by requires() naming family
+    and engine. Phi-3's fused variant has no groups (its model is fused already): format 2, refused as unfused."""
     from armor_export.adapters import UnsupportedFeature, model_facts
+    from armor_export.artifact import load_artifact
     from engines import hf_checkpoint as hfc
     from engines.parity import compare
     from engines.trtllm import REFUSED, TRTLLM_FAMILIES, TrtllmLowering, artifact_logits
     from engines.trtllm_linear import projection_plan
     from transformers import AutoConfig
 
-    art, _, _, toks = built(family)
+    art, _, _, toks = built(family, variant)
+    groups = load_artifact(art).groups
+    assert bool(groups) == (variant == "fused" and family != "phi3")
     ck = hfc.write_checkpoint(art, tmp_path / "ck", dtype="fp32")
-    assert hfc.schema_problems(ck) == []
+    assert hfc.schema_problems(ck, load_artifact(art)) == []
+    armor = hfc.read_config(ck)["armor"]
+    assert armor["format_version"] == (3 if groups else 2) and set(armor.get("groups", {})) == set(groups)
     got, _ = hfc.checkpoint_logits(ck, toks)
     ref = artifact_logits(art, toks, torch.float32)
     assert torch.equal(got, ref), compare(ref, got)
@@ -269,12 +278,49 @@ def test_trtllm_checkpoint_loads_back_or_is_refused(built, family, tmp_path):
         assert family in REFUSED
         return
     low.requires(art, cfg)
-    layers = hfc.read_config(ck)["armor"]["layers"]
+    layers = armor["layers"]
     header = hfc.read_headers(ck)
-    planned = {f"{p.name}.{k}": list(s) for parts in projection_plan(model_facts(AutoConfig.from_pretrained(ck)),
-                                                                    layers).values()
-               for p in parts for k, s in p.shapes().items()}
-    armor = {k: h["shape"] for k, h in header.items() if k.rsplit(".", 1)[0] in layers}
-    dense_in_plan = {k: header[k]["shape"] for k in planned if k not in armor}
-    assert {k: v for k, v in planned.items() if k in armor} == armor and set(armor) <= set(planned)
+    plan = projection_plan(model_facts(AutoConfig.from_pretrained(ck)), layers, armor.get("groups"))
+    planned = {f"{p.name}.{k}": list(s) for parts in plan.values() for p in parts for k, s in p.shapes().items()}
+    armor_t = {k: h["shape"] for k, h in header.items() if k.rsplit(".", 1)[0] in layers}
+    dense_in_plan = {k: header[k]["shape"] for k in planned if k not in armor_t}
+    assert {k: v for k, v in planned.items() if k in armor_t} == armor_t and set(armor_t) <= set(planned)
     assert all(planned[k] == v for k, v in dense_in_plan.items())  # dense parts of a fused module: real tensors
+    for g, members in groups.items():  # one fused part, the group's members in the native order
+        (part,) = plan[g]
+        assert part.members == members and sum(part.split) == part.d_out == header[f"{g}.S"]["shape"][0]
+    _trtllm_modules_match_the_checkpoint_runtime(ck, plan)
+
+
+def _trtllm_modules_match_the_checkpoint_runtime(ck, plan):
+    """The ARMOR TensorRT-LLM modules of the plan, built on a native-like skeleton and loaded as TensorRT-LLM loads
+    them (the ARMOR model's fused step, then the native per-module visit, test_trtllm_model.native_load), give, per
+    native module, exactly the plain runtime's output: the fused module its group's one ArmorLinear, a parts module
+    its members' outputs concatenated."""
+    from safetensors.torch import load_file
+
+    from engines import hf_checkpoint as hfc
+    from engines.trtllm_linear import ArmorTrtllmFusedLinear, ArmorTrtllmLinear, armorize, load_fused_weights
+    from tests.engines.test_trtllm_model import native_load, native_skeleton
+
+    tensors = {}
+    for f in sorted(set(hfc.weight_files(ck).values())):
+        tensors.update(load_file(str(f)))
+    skeleton = native_skeleton(plan)
+    armorize(skeleton, plan, torch.float32)
+    for m in skeleton.modules():
+        if isinstance(m, ArmorTrtllmLinear):
+            m.create_weights()
+    fused = load_fused_weights(skeleton, tensors)
+    native_load(skeleton, tensors)
+    runtime, _, _ = hfc.load_checkpoint_model(ck)
+    for path, parts in plan.items():
+        mod = skeleton.get_submodule(path)
+        mod.post_load_weights()
+        xin = torch.randn(3, parts[0].d_in)
+        if isinstance(mod, ArmorTrtllmFusedLinear):
+            assert path in fused
+            ref = runtime.get_submodule(path)(xin)
+        else:
+            ref = torch.cat([runtime.get_submodule(p.name)(xin) for p in parts], -1)
+        assert torch.equal(mod(xin), ref), path

@@ -19,32 +19,53 @@ from engines import hf_checkpoint as hfc
 from engines.base import ExportConfig
 
 B = 8
+# sha256 (first 16 hex digits) of every file of the ``ckpt`` fixture (the synthetic artifact's unfused fp16 checkpoint)
+# except the owner marker, as written before fused groups were lowered (commit b7c5069): a checkpoint without fused
+# groups must stay byte-identical (format version 2). A deliberate change of the format updates these.
+UNFUSED_CKPT_DIGESTS = {
+    "config.json": "64cc6250f48068bb", "files.sha256": "1a3d16f1b89e109f", "generation_config.json": "92a5c418526e535f",
+    "model-00001-of-00001.safetensors": "2b0766b6aa84f3a6", "model.safetensors.index.json": "55264c9d83c8d0ff",
+    "tokenizer.json": "fb9e7a3a628a4efe", "tokenizer_config.json": "a32c88a67297bb9c"}
 
 
-def make_artifact(model_dir: Path, out: Path, *, neg_tiny: bool = False) -> Path:
-    """Artifact of the tiny model with A = I + noise, B = I + noise, S = 2:4 mask of W."""
+def make_artifact(model_dir: Path, out: Path, *, neg_tiny: bool = False, fuse: bool = False) -> Path:
+    """Artifact of the tiny model with A = I + noise, B = I + noise, S = 2:4 mask of W. ``fuse``: q/k/v and gate/up
+    as fused groups (the stacked weight factorised once, one shared B, split back into the members; manifest
+    ``groups``), as ``--fuse qkv,gate_up`` writes them."""
     from transformers import AutoModelForCausalLM
 
-    from armor_export.adapters import FAMILIES, target_names
+    from armor_export.adapters import FAMILIES, FUSE_KINDS, fuse_groups, target_names
     from armor_export.artifact import LayerFactors, save_artifact
     from armor_export.pipeline import base_tensors
     from solver.factors import Factorization
+    from solver.fused import split_factorization
     from solver.sparsity import mask_24
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    names = target_names(FAMILIES["llama"], model.config.num_hidden_layers)
+    fam = FAMILIES["llama"]
+    names = target_names(fam, model.config.num_hidden_layers)
+    groups = fuse_groups(fam, names, tuple(FUSE_KINDS)) if fuse else {}
+    units = {g: ms for g, ms in groups.items()}
+    units.update({n: (n,) for n in names if not any(n in ms for ms in groups.values())})
     g = torch.Generator().manual_seed(1)
     layers = {}
-    for n in names:
-        W = model.get_submodule(n).weight.detach()
+    for unit, members in units.items():
+        W = torch.cat([model.get_submodule(n).weight.detach() for n in members])
         S = W * mask_24(W.abs())
         if neg_tiny:  # values that underflow to -0.0 in fp16
             S = torch.where(S != 0, S, torch.zeros_like(S))
             S[0, 0], S[0, 1], S[0, 2], S[0, 3] = -1e-9, 0.0, 0.5, 0.0
         eye = (lambda d: torch.eye(B).expand(d // B, B, B) + 0.05 * torch.randn(d // B, B, B, generator=g))
-        layers[n] = LayerFactors(Factorization(S + 0.0, eye(S.shape[0]), eye(S.shape[1])))
-    return save_artifact(out, layers=layers, base=base_tensors(model, names), source_dir=model_dir,
-                         manifest={"method": "synthetic"}, overwrite=True)
+        f = Factorization(S + 0.0, eye(S.shape[0]), eye(S.shape[1]))
+        sizes = [model.get_submodule(n).weight.shape[0] for n in members]
+        for n, fn in zip(members, split_factorization(f, sizes) if len(members) > 1 else [f]):
+            layers[n] = LayerFactors(fn, info={"fused_group": unit} if unit in groups else {})
+    manifest = {"method": "synthetic"}
+    if groups:
+        manifest.update(fuse=list(FUSE_KINDS), groups={gname: {"members": list(ms), "split": [
+            model.get_submodule(m).weight.shape[0] for m in ms]} for gname, ms in groups.items()})
+    return save_artifact(out, layers=dict(sorted(layers.items())), base=base_tensors(model, names),
+                         source_dir=model_dir, manifest=manifest, overwrite=True)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +93,32 @@ def test_checkpoint_config_schema(ckpt, artifact):
     for f in ("tokenizer.json", "tokenizer_config.json", hfc.WEIGHTS_INDEX, hfc.shard_file(1, 1)):
         assert (ckpt / f).is_file()
     assert hfc.schema_problems(ckpt, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 (16 hex digits) of every file but the owner marker. A safetensors file is hashed as its header (sorted
+    JSON: the order of its metadata keys varies from run to run) and its data bytes; ``files.sha256`` as the file
+    names it lists (its hashes follow the shard bytes)."""
+    import hashlib
+    import struct
+
+    from armor_export.fsutil import MARKER
+
+    def canonical(p: Path) -> bytes:
+        raw = p.read_bytes()
+        if p.suffix == ".safetensors":
+            (n,) = struct.unpack("<Q", raw[:8])
+            return json.dumps(json.loads(raw[8:8 + n]), sort_keys=True).encode() + raw[8 + n:]
+        if p.name == "files.sha256":
+            return "\n".join(sorted(line.split()[-1] for line in raw.decode().splitlines())).encode()
+        return raw
+
+    return {p.name: hashlib.sha256(canonical(p)).hexdigest()[:16] for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != MARKER}
+
+
+def test_unfused_checkpoint_is_byte_identical_to_format_2(ckpt):
+    assert file_digests(ckpt) == UNFUSED_CKPT_DIGESTS
 
 
 def test_checkpoint_tensor_names_shapes_dtypes(ckpt):
@@ -213,12 +260,109 @@ def test_gpu_check_cli_without_cuda_says_why(ckpt):
     assert r.returncode == 2 and "no CUDA device" in r.stderr
 
 
+# ---- fused groups (--fuse qkv,gate_up): stored once under the native fused name, format 3
+
+@pytest.fixture(scope="module")
+def fused_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_artifact(tiny_model_dir, tmp_path_factory.mktemp("trtllm") / "fused-art", fuse=True)
+
+
+@pytest.fixture(scope="module")
+def fused_ckpt(fused_artifact, tmp_path_factory) -> Path:
+    from engines.trtllm import TrtllmLowering
+
+    return TrtllmLowering().lower(fused_artifact, tmp_path_factory.mktemp("trtllm") / "fused-ckpt", ExportConfig())
+
+
+def test_fused_checkpoint_stores_each_group_once(fused_ckpt, fused_artifact):
+    """config: format 3, armor.groups = the artifact's groups with their split, armor.layers = the fused names (stacked
+    shapes) + o_proj/down_proj; tensors: S the members' S stacked by rows, A their A blocks concatenated, B the one
+    shared B (bit-exact after the fp16 cast), no member tensor; the stacked S is 2:4 in the file bytes."""
+    from safetensors.torch import load_file
+
+    from armor_export.artifact import load_artifact
+
+    art = load_artifact(fused_artifact)
+    armor = json.loads((fused_ckpt / "config.json").read_text())["armor"]
+    assert armor["format_version"] == hfc.CKPT_FUSED_VERSION == 3 and armor["fusion"] == hfc.FUSED_NOTE
+    assert {g: tuple(r["members"]) for g, r in armor["groups"].items()} == art.groups and len(art.groups) == 4
+    qkv, gate_up = "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"
+    assert armor["groups"][qkv]["split"] == [64, 32, 32] and armor["groups"][gate_up]["split"] == [96, 96]
+    assert sorted(n.split(".", 3)[3] for n in armor["layers"] if ".0." in n) == [
+        "mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"]
+    assert armor["layers"][qkv] == {"shape": [128, 64], "block_size": B, "has_A": True, "has_B": True,
+                                    "has_bias": False}
+    tensors = load_file(str(fused_ckpt / hfc.shard_file(1, 1)))
+    for g, members in art.groups.items():
+        fs = [art.layers[m].factors for m in members]
+        assert torch.equal(tensors[f"{g}.S"], torch.cat([f.S for f in fs]).half())
+        assert torch.equal(tensors[f"{g}.A"], torch.cat([f.A_blocks for f in fs]).half())
+        assert torch.equal(tensors[f"{g}.B"], fs[0].B_blocks.half())
+        assert not any(k.startswith(f"{m}.") for m in members for k in tensors)
+    assert sum(k.endswith(".B") for k in tensors) == 8  # 4 per layer (was 7: B repeated per member)
+    rep = hfc.checkpoint_s_report(fused_ckpt, [f"{n}.S" for n in armor["layers"]])
+    assert rep[f"{qkv}.S"]["shape"] == [128, 64] and rep[f"{gate_up}.S"]["shape"] == [192, 64]
+    assert all(r["is_24"] and r["negative_zeros"] == 0 for r in rep.values()) and len(rep) == 8
+    assert hfc.schema_problems(fused_ckpt, art) == []
+
+
+def test_fused_checkpoint_logits_match_the_fused_runtime(fused_artifact, fused_ckpt, tmp_path):
+    """fp32: identical to the artifact's fused PyTorch runtime (one ArmorLinear per group there too); the fp16
+    checkpoint through verify (load-back identical, SQNR / top-1 vs fp32 as for the unfused form)."""
+    from engines.torch_module import ArmorLinear, FusedArmor
+    from engines.trtllm import TrtllmLowering, artifact_logits
+
+    ck32 = hfc.write_checkpoint(fused_artifact, tmp_path / "ck32", dtype="fp32")
+    tokens = torch.randint(0, 300, (2, 16))
+    got, _ = hfc.checkpoint_logits(ck32, tokens)
+    assert torch.equal(got, artifact_logits(fused_artifact, tokens, torch.float32))
+    model, _, _ = hfc.load_checkpoint_model(ck32)
+    assert sum(isinstance(m, ArmorLinear) for m in model.modules()) == 8
+    assert sum(isinstance(m, FusedArmor) for m in model.modules()) == 4
+    res = TrtllmLowering().verify(fused_artifact, fused_ckpt, ExportConfig(report_dir=tmp_path / "rep",
+                                                                          parity_seqlen=32))
+    assert res["passed"], res
+    by = {c["name"]: c for c in json.loads((tmp_path / "rep" / "parity.json").read_text())["checks"]}
+    assert next(c for n, c in by.items() if n.startswith("load-back"))["value"] == 0.0
+    assert next(c for n, c in by.items() if n.startswith("every S is 2:4"))["value"] == "8/8"
+
+
+def test_fused_schema_problems_are_named(fused_ckpt, tmp_path):
+    def edited(tag, change):
+        d = tmp_path / tag
+        shutil.copytree(fused_ckpt, d)
+        cfg = json.loads((d / "config.json").read_text())
+        change(cfg["armor"])
+        (d / "config.json").write_text(json.dumps(cfg))
+        return hfc.schema_problems(d)
+
+    g = "model.layers.1.self_attn.qkv_proj"
+    assert edited("v2", lambda a: a.update(format_version=2)) == [
+        "armor.groups present in a format_version 2 checkpoint (fused groups are format_version 3)"]
+    bad = edited("split", lambda a: a["groups"][g].update(split=[64, 32, 24]))
+    assert bad == [f"fused group {g}: split [64, 32, 24] over members {a_members(g)} does not cover its 128 rows"]
+    dup = edited("member", lambda a: a["layers"].update({a_members(g)[0]: a["layers"][g]}))
+    assert any(f"member {a_members(g)[0]} is also stored on its own" in p for p in dup)
+
+
+def a_members(g: str) -> list[str]:
+    return [g.replace("qkv_proj", f"{m}_proj") for m in "qkv"]
+
+
 @pytest.mark.gpu
 def test_semi_structured_parity_on_cuda(ckpt):
     from engines.trtllm_gpu_check import gpu_parity
 
     res = gpu_parity(ckpt, torch.randint(0, 300, (2, 64)))
     assert all(c.passed for c in res["checks"]), res["stats"]
+
+
+@pytest.mark.gpu
+def test_fused_semi_structured_parity_on_cuda(fused_ckpt):
+    from engines.trtllm_gpu_check import gpu_parity
+
+    res = gpu_parity(fused_ckpt, torch.randint(0, 300, (2, 64)))
+    assert res["layers"] == 8 and all(c.passed for c in res["checks"]), res["stats"]
 
 
 @pytest.mark.slow

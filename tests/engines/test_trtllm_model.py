@@ -230,3 +230,251 @@ def test_trtllm_modules_import_no_pipeline_and_form_no_cycle():
         return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
 
     assert not [m for m in mods if reaches(m, m)], graph
+
+
+# ---- fused groups (``--fuse``): one ArmorTrtllmFusedLinear per native qkv_proj / gate_up_proj
+
+# what the native loaders (v1 _load_weights_impl, v2 HfWeightMapper) do with a module, by its last name: a fused
+# native name gets one dict per member, each the checkpoint tensors under the member's name; any other module one
+# dict with the tensors under its own name (tensor parallel 1: the kv-head duplication leaves tensors as they are)
+NATIVE_MEMBER_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+NATIVE_CALLS += [
+    ("modeling_utils._load_weights_impl / hf.weight_mapper.HfWeightMapper.apply_callbacks",
+     "qkv_proj.load_weights(weights=[under q_proj, under k_proj, under v_proj]); empty for a fused checkpoint"),
+    ("engines.trtllm_model.ArmorModelMixin.load_weights (before the native load_weights)",
+     "load_fused_weights: fused.load_weights(weights=[{S, A, B, bias} under the fused name])"),
+]
+
+
+def _under(prefix: str, weights) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def native_load(model: torch.nn.Module, weights) -> None:
+    """The native loaders' visit: every module with direct parameters, fused native names by member."""
+    for name, module in model.named_modules():
+        if not module._parameters:
+            continue
+        parent, _, last = name.rpartition(".")
+        if last in NATIVE_MEMBER_NAMES:
+            module.load_weights(weights=[_under(f"{parent}.{m}", weights) for m in NATIVE_MEMBER_NAMES[last]])
+        else:
+            module.load_weights(weights=[_under(name, weights)])
+
+
+class Consumable(dict):
+    """The two things the loaders use of TensorRT-LLM's ConsumableWeightsDict: items() and mark_consumed(prefix)."""
+
+    def mark_consumed(self, prefix: str) -> int:
+        gone = [k for k in self if k.startswith(prefix + ".")]
+        for k in gone:
+            del self[k]
+        return len(gone)
+
+
+def _fused_setup(qkv_bias: bool = True):
+    """A one-layer Llama-shaped skeleton (native-like modules at the native paths), the checkpoint's armor.layers /
+    armor.groups for fused qkv and gate_up (+ o_proj, down_proj as ARMOR parts) and a checkpoint weight dict."""
+    from transformers import AutoConfig
+
+    from armor_export.adapters import model_facts
+    from solver.sparsity import mask_24
+
+    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100)
+    facts = model_facts(cfg)
+    L = "model.layers.0"
+    g = torch.Generator().manual_seed(3)
+    shapes = {f"{L}.self_attn.qkv_proj": (128, 64), f"{L}.self_attn.o_proj": (64, 64),
+              f"{L}.mlp.gate_up_proj": (192, 64), f"{L}.mlp.down_proj": (64, 96)}
+    groups = {f"{L}.self_attn.qkv_proj": {"members": [f"{L}.self_attn.{m}_proj" for m in "qkv"], "split": [64, 32, 32]},
+              f"{L}.mlp.gate_up_proj": {"members": [f"{L}.mlp.gate_proj", f"{L}.mlp.up_proj"], "split": [96, 96]}}
+    layers, weights = {}, Consumable({"model.norm.weight": torch.ones(64)})
+    for fqn, (d_out, d_in) in shapes.items():
+        bias = qkv_bias and "qkv" in fqn
+        layers[fqn] = {"shape": [d_out, d_in], "block_size": B, "has_A": True, "has_B": True, "has_bias": bias}
+        S = torch.randn(d_out, d_in, generator=g)
+        weights[f"{fqn}.S"] = S * mask_24(S.abs())
+        weights[f"{fqn}.A"] = torch.eye(B) + 0.05 * torch.randn(d_out // B, B, B, generator=g)
+        weights[f"{fqn}.B"] = torch.eye(B) + 0.05 * torch.randn(d_in // B, B, B, generator=g)
+        if bias:
+            weights[f"{fqn}.bias"] = torch.randn(d_out, generator=g)
+    return facts, layers, groups, weights, native_skeleton(shapes)
+
+
+def native_skeleton(paths) -> torch.nn.Module:
+    """A module tree with a native-like linear (``_NativeLike``) at each of ``paths``, for ``armorize``."""
+    model = torch.nn.Module()
+    for path in paths:
+        parent = model
+        for part in path.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(path.rsplit(".", 1)[1], _NativeLike())
+    return model
+
+
+def _stacked_reference(weights: dict, fqn: str, x: torch.Tensor) -> torch.Tensor:
+    from engines.torch_module import ArmorLinear
+
+    get = (lambda k: weights.get(f"{fqn}.{k}"))
+    return ArmorLinear(get("S"), get("A"), get("B"), get("bias"))(x)
+
+
+def test_fused_group_through_the_native_lifecycle():
+    """create_weights, the ARMOR model's fused step, the native loader visit (empty per-member dicts for the fused
+    modules), post_load_weights, forward: each fused module is one A.S.B equal to the stacked ArmorLinear, and its
+    split is each member's own A_j.S_j.B (+ bias_j), in the native order."""
+    from engines.trtllm_linear import ArmorTrtllmFusedLinear, armorize, load_fused_weights, projection_plan
+    from solver.factors import Factorization
+    from solver.fused import split_factorization
+
+    facts, layers, groups, weights, model = _fused_setup()
+    plan = projection_plan(facts, layers, groups)
+    armorize(model, plan, torch.float32)
+    qkv = model.get_submodule("model.layers.0.self_attn.qkv_proj")
+    gate_up = model.get_submodule("model.layers.0.mlp.gate_up_proj")
+    assert isinstance(qkv, ArmorTrtllmFusedLinear) and isinstance(gate_up, ArmorTrtllmFusedLinear)
+    assert type(model.get_submodule("model.layers.0.self_attn.o_proj")) is ArmorTrtllmLinear
+    assert qkv.split == (64, 32, 32) and qkv.out_features == 128 and len(qkv.parts) == 1
+    for m in model.modules():
+        if isinstance(m, ArmorTrtllmLinear):
+            m.create_weights()
+            m.create_weights()
+    assert all(getattr(qkv, probe) is False for probe in QUANT_PROBES) and len(qkv._parameters) == 4
+    snapshot = dict(weights)
+    names = ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"]
+    assert load_fused_weights(model, weights) == names
+    assert not any(".qkv_proj." in k or ".gate_up_proj." in k for k in weights)  # consumed
+    seen = []
+
+    def recorded(load):
+        def load_weights(weights, **kw):
+            seen.append(weights)
+            return load(weights=weights, **kw)
+        return load_weights
+
+    for mod in (qkv, gate_up):  # record what the native loader hands the fused modules: nothing of theirs
+        mod.load_weights = recorded(mod.load_weights)
+    native_load(model, weights)
+    assert seen == [[{}, {}, {}], [{}, {}]]
+    for m in model.modules():
+        if isinstance(m, ArmorTrtllmLinear):
+            m.post_load_weights()
+    assert qkv.semi_structured_parts == 0  # CPU: S stays dense
+    x = torch.randn(2, 5, 64)
+    for mod, fqn in ((qkv, "model.layers.0.self_attn.qkv_proj"), (gate_up, "model.layers.0.mlp.gate_up_proj")):
+        ref = _stacked_reference(snapshot, fqn, x)
+        for kwargs in ({}, {"all_reduce_params": None, "lora_params": None, "layer_idx": 0}):
+            torch.testing.assert_close(mod(x, **kwargs), ref, rtol=0, atol=0)  # same ops on the same tensors
+        f = Factorization(snapshot[f"{fqn}.S"], snapshot[f"{fqn}.A"], snapshot[f"{fqn}.B"])
+        sizes = groups[fqn]["split"]
+        bias = snapshot.get(f"{fqn}.bias")
+        for j, (fj, yj) in enumerate(zip(split_factorization(f, sizes), torch.split(mod(x), sizes, dim=-1))):
+            bj = None if bias is None else torch.split(bias, sizes)[j]
+            from engines.torch_module import ArmorLinear
+
+            torch.testing.assert_close(yj, ArmorLinear(fj.S, fj.A_blocks, fj.B_blocks, bj)(x))
+
+
+def test_fused_module_refuses_what_a_fused_checkpoint_cannot_be():
+    from engines.trtllm_linear import armorize, load_fused_weights, projection_plan
+
+    facts, layers, groups, weights, model = _fused_setup(qkv_bias=False)
+    armorize(model, projection_plan(facts, layers, groups), torch.float32)
+    for m in model.modules():  # the model's __post_init__
+        if isinstance(m, ArmorTrtllmLinear):
+            m.create_weights()
+    qkv = model.get_submodule("model.layers.0.self_attn.qkv_proj")
+    with pytest.raises(KeyError, match=r"qkv_proj: no .*qkv_proj\.S/A/B were given.*engines\.trtllm_model"):
+        native_load(model, weights)  # the native loader alone: the fused tensors never arrive
+    qkv.load_weights(weights=[{}, {}, {}], allow_partial_loading=True)
+    member = {"S": torch.zeros(64, 64)}
+    with pytest.raises(ValueError, match=r"stored once under .*qkv_proj.*re-export"):
+        qkv.load_weights(weights=[member, {}, {}])
+    with pytest.raises(KeyError, match=r"qkv_proj\.A"):
+        qkv.load_weights(weights=[{"S": weights["model.layers.0.self_attn.qkv_proj.S"]}])
+    load_fused_weights(model, weights)
+    qkv.load_weights(weights=[{}, {}, {}])  # after the fused step: accepted
+    bad = {g: {**r, "members": list(reversed(r["members"]))} for g, r in groups.items()}
+    with pytest.raises(ValueError, match="not TensorRT-LLM's"):
+        projection_plan(facts, layers, bad)
+
+
+def test_fused_module_pickles_and_builds_in_a_fresh_process(tmp_path):
+    from multiprocessing.reduction import ForkingPickler
+
+    from engines.trtllm_linear import ArmorTrtllmFusedLinear, projection_plan
+
+    facts, layers, groups, _, _ = _fused_setup()
+    parts = projection_plan(facts, layers, groups)["model.layers.0.self_attn.qkv_proj"]
+    (tmp_path / "c.pkl").write_bytes(bytes(ForkingPickler.dumps((ArmorTrtllmFusedLinear, parts))))
+    code = (f"{WORKER_PICKLER}; import sys, torch\n"
+            "cls, parts = P.loads(open(sys.argv[1], 'rb').read())\n"
+            "m = cls(parts); m.create_weights(); print(m(torch.ones(2, 64)).shape[-1], m.split)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.pkl")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "128 (64, 32, 32)"
+
+
+def test_armor_model_load_weights_calls_the_native_one_as_the_model_loader_would():
+    """``load_fused_first`` (the ARMOR model classes' load_weights): fused modules loaded before the native
+    load_weights runs; ``weight_mapper`` / ``allow_partial_loading`` passed exactly when the native signature names
+    them (TensorRT-LLM releases differ); partial loading asked of a native loader without it is a clear error."""
+    from engines.trtllm_linear import armorize, load_fused_first, projection_plan
+
+    facts, layers, groups, weights, model = _fused_setup()
+    armorize(model, projection_plan(facts, layers, groups), torch.float32)
+    for m in model.modules():
+        if isinstance(m, ArmorTrtllmLinear):
+            m.create_weights()
+    calls = []
+
+    def v1(weights):
+        calls.append("v1")
+        native_load(model, weights)
+
+    def v2(weights, weight_mapper=None):
+        calls.append(("v2", weight_mapper))
+        native_load(model, weights)
+
+    def v3(weights, weight_mapper=None, allow_partial_loading=False):
+        calls.append(("v3", weight_mapper, allow_partial_loading))
+        native_load(model, weights)
+
+    mapper = object()
+    load_fused_first(model, v1, dict(weights), mapper)
+    load_fused_first(model, v2, dict(weights), mapper)
+    load_fused_first(model, v3, dict(weights), mapper, allow_partial_loading=True)
+    assert calls == ["v1", ("v2", mapper), ("v3", mapper, True)]
+    x = torch.randn(3, 64)
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    torch.testing.assert_close(model.get_submodule(qkv)(x), _stacked_reference(weights, qkv, x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no partial loading"):
+        load_fused_first(model, v2, dict(weights), mapper, allow_partial_loading=True)
+
+
+@pytest.mark.gpu
+def test_fused_module_runs_its_stacked_s_semi_structured_on_cuda():
+    """On CUDA in fp16 the stacked S of a fused module becomes ONE semi-structured tensor; the output matches the
+    dense fp32 stacked reference within fp16 error."""
+    from engines.parity import sqnr_db
+    from engines.trtllm_linear import ArmorTrtllmFusedLinear, Part
+    from solver.sparsity import mask_24
+
+    g = torch.Generator().manual_seed(0)
+    members, split, d_in = ("l.q_proj", "l.k_proj", "l.v_proj"), (256, 128, 128), 256
+    part = Part("l.qkv_proj", sum(split), d_in, True, B, True, True, True, members, split)
+    S = torch.randn(sum(split), d_in, generator=g)
+    w = {"S": S * mask_24(S.abs()), "A": torch.eye(B) + 0.05 * torch.randn(sum(split) // B, B, B, generator=g),
+         "B": torch.eye(B) + 0.05 * torch.randn(d_in // B, B, B, generator=g), "bias": torch.randn(sum(split), generator=g)}
+    mod = ArmorTrtllmFusedLinear((part,), dtype=torch.float16, like=_NativeLike())
+    mod.create_weights()
+    mod.to("cuda")
+    mod.load_weights(weights=[{k: v.cuda() for k, v in w.items()}])
+    mod.post_load_weights()
+    assert mod.semi_structured_parts == 1
+    x = torch.randn(64, d_in, generator=g)
+    got = mod(x.cuda().half()).float().cpu()
+    assert sqnr_db(_stacked_reference({f"l.qkv_proj.{k}": v for k, v in w.items()}, "l.qkv_proj", x), got) >= 30
