@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from armor_export import pipeline
 from armor_export.adapters import target_names
 from armor_export.artifact import LayerFactors
 from armor_export.config import CalibConfig
@@ -45,6 +44,7 @@ from armor_export.corpus import parse_corpus_list
 from armor_export.eval_suite import eval_configs, prepare
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
+from armor_export import calibrate, solving, source, writer
 from benchmarks.modelopt_launch import run_modelopt
 from benchmarks.quality_table import gap_closed, method_spec, ppls_str, shrink_key, table
 from benchmarks.synth import make_tiny_model_dir, sample_text
@@ -124,11 +124,11 @@ def layer_summary(method: str, layers: dict, model, stats) -> dict:
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.loaded = pipeline.load(args.model)
+        self.loaded = source.load(args.model)
         fam = self.loaded.family
         self.names = target_names(fam, len(self.loaded.model.get_submodule(fam.layers_path)))
         self.calib_cfg = CalibConfig(text=args.calib_text, samples=args.calib_windows, seqlen=args.calib_seqlen)
-        self.calib = pipeline.calibration_windows(self.loaded.tokenizer, self.calib_cfg)
+        self.calib = calibrate.calibration_windows(self.loaded.tokenizer, self.calib_cfg)
         corpora = None if args.eval_corpus is None else tuple(
             n for spec in args.eval_corpus for n in parse_corpus_list(spec))
         self.evs = {k: w for k, (_, w) in prepare(self.loaded.tokenizer, eval_configs(
@@ -197,7 +197,7 @@ class Bench:
         if self.stats is None or (full and self.stats[self.names[0]].H is None):
             full = full or self.args.full_stats or self.want_full
             t0 = time.perf_counter()
-            self.stats = pipeline.collect_stats(self.loaded, self.names, self.calib, full=full,
+            self.stats = calibrate.collect_stats(self.loaded, self.names, self.calib, full=full,
                                                 progress=not self.args.quiet)
             self.calib_seconds = round(time.perf_counter() - t0, 2)
             self.log(f"calibration statistics ({'full H' if full else 'diag h'}) for {len(self.names)} linears "
@@ -240,7 +240,7 @@ class Bench:
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
         if mode == "dense":
-            layers = pipeline.solve_dense(self.loaded, self.names, stats, cfg)
+            layers = solving.solve_dense(self.loaded, self.names, stats, cfg)
             if mask_only:  # keep the mask, drop the weight updates: W * (S != 0)
                 layers = {n: LayerFactors(Factorization(torch.where(
                     lf.factors.S != 0, self.loaded.model.get_submodule(n).weight.detach().float(), 0.0)),
@@ -248,8 +248,8 @@ class Bench:
             model = swapped(self.loaded.model, layers)
         else:
             model = copy.deepcopy(self.loaded.model)
-            work = pipeline.Loaded(self.loaded.folder, model, self.loaded.tokenizer, self.loaded.family)
-            layers = pipeline.solve_sequential(work, self.names, self.calib, cfg,
+            work = source.Loaded(self.loaded.folder, model, self.loaded.tokenizer, self.loaded.family)
+            layers = solving.solve_sequential(work, self.names, self.calib, cfg,
                                                dataclasses.replace(self.calib_cfg, mode="sequential"),
                                                progress=False)
         solve_s = round(time.perf_counter() - t0, 2)
@@ -381,7 +381,7 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
     res = {"schema": SCHEMA, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-           "library_versions": pipeline.library_versions(), "solver_commit": SOLVER_COMMIT,
+           "library_versions": writer.library_versions(), "solver_commit": SOLVER_COMMIT,
            "command": " ".join(["python -m benchmarks.quality", *argv]), "smoke": args.smoke, "parts": args.parts,
            "model": {"folder": str(bench.loaded.folder), "targets": len(bench.names)},
            "calibration": {**bench.calib.describe(), "mode": "dense one-pass, shared by all one-pass runs"},

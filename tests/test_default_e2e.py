@@ -12,6 +12,7 @@ import pytest
 from armor_export import pipeline
 from armor_export.artifact import read_manifest
 from armor_export.config import CalibConfig, EvalConfig
+from armor_export import source
 from solver.config import SolverConfig
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ CALIB = CalibConfig(samples=8, seqlen=512)
 
 @pytest.fixture(scope="module")
 def default_model():
-    return pipeline.load(None)
+    return source.load(None)
 
 
 @pytest.fixture(scope="module")

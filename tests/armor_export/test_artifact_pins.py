@@ -27,6 +27,7 @@ from armor_export import pipeline
 from armor_export.artifact import load_artifact
 from armor_export.config import CalibConfig
 from armor_export.resume import LayerStore
+from armor_export import calibrate, source, writer
 from solver.config import SolverConfig
 
 PINS = Path(__file__).parent / "data" / "artifact_pins.json"
@@ -91,10 +92,10 @@ def _resumed(model, text, out):
     """Two layers of a reference run checkpointed in the store, the rest solved on resume."""
     ref = pipeline.prune(str(model), ARMOR, _calib(text), out.parent / f"{out.name}-ref", progress=False,
                          resume=False)
-    loaded = pipeline.load(str(model))
+    loaded = source.load(str(model))
     names = json.loads((ref / "manifest.json").read_text())["targets"]
-    tokens = pipeline.calibration_windows(loaded.tokenizer, _calib(text))
-    store = LayerStore(out, pipeline.run_settings(loaded, names, ARMOR, _calib(text), tokens))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, _calib(text))
+    store = LayerStore(out, writer.run_settings(loaded, names, ARMOR, _calib(text), tokens))
     store.prepare()
     art = load_artifact(ref)
     for n in (names[0], names[5]):
