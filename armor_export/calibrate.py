@@ -65,11 +65,18 @@ def collect_stats(loaded: Loaded, names: list[str], tokens: TokenWindows, *, ful
     return stats
 
 
-def calibrate(loaded: Loaded, plan: LayerPlan, tokens: TokenWindows, calib: CalibConfig, solver_cfg: SolverConfig,
-              *, dist: DistContext | None = None, progress: bool = True) -> Statistics:
+def calibrate(loaded: Loaded, plan: LayerPlan, tokens: TokenWindows, calib: CalibConfig, *, full: bool,
+              hessian_block: int | None = None, device="cpu", dist: DistContext | None = None,
+              progress: bool = True) -> Statistics:
     """The statistics ``plan`` asks this process for: of ``plan.calibrate`` (every rank the same list), kept for
-    ``plan.keep``, on ``solver_cfg.device``, as much of H as ``solver_cfg``'s method needs."""
+    ``plan.keep``, on ``device``; h always, and the full H (``full``) or its ``hessian_block``-wide diagonal
+    blocks (``request(solver_cfg)`` gives what a solver configuration needs)."""
     t0 = time.perf_counter()
     stats = collect_stats(loaded, plan.calibrate, tokens, batch_size=calib.batch_size, progress=progress,
-                          device=solver_cfg.device, dist=dist, keep=plan.keep, **stats_request(solver_cfg))
+                          device=device, dist=dist, keep=plan.keep, full=full, hessian_block=hessian_block)
     return Statistics(stats, time.perf_counter() - t0)
+
+
+def request(solver_cfg: SolverConfig) -> dict:
+    """``calibrate``'s keywords for what ``solver_cfg`` needs: full, hessian_block, device."""
+    return {**stats_request(solver_cfg), "device": solver_cfg.device}

@@ -219,18 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def solver_config(a):
-    from solver.config import PRESETS, SolverConfig
+    from armor_export.config import solver_settings
 
-    d = dict(PRESETS[a.preset], method=a.method, seed=a.seed, device=a.device)
-    for flag, key in (("block_size", "block_size"), ("iterations", "iterations"), ("lr", "lr"),
-                      ("selection", "selection"), ("patience", "patience"),
-                      ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule"),
-                      ("objective", "objective"), ("hessian_damp", "hessian_damp"), ("refit", "refit"),
-                      ("refit_rounds", "refit_rounds"), ("refit_shrink", "refit_shrink"),
-                      ("refit_shrink_to", "refit_shrink_to")):
-        if getattr(a, flag) is not None:
-            d[key] = getattr(a, flag)
-    return SolverConfig(**d)
+    flags = ("block_size", "iterations", "lr", "selection", "patience", "sparse_rounds", "lr_schedule", "objective",
+             "hessian_damp", "refit", "refit_rounds", "refit_shrink", "refit_shrink_to")  # flag name = setting
+    return solver_settings(a.preset, method=a.method, seed=a.seed, device=a.device,
+                           **{f: getattr(a, f) for f in flags})
 
 
 def calib_config(a):

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from armor_export.adapters import fuse_groups
-from armor_export.calibrate import Statistics, calibrate, calibration_windows
+from armor_export.calibrate import Statistics, calibrate, calibration_windows, request
 from armor_export.calibration import TokenWindows, document_windows, windows
 from armor_export.config import CalibConfig, EvalConfig, check_positions
 from armor_export.corpus import get_corpus, text_files
@@ -100,7 +100,7 @@ def _prune(model_spec, solver_cfg: SolverConfig, calib: CalibConfig, out: Path, 
         solve_sequential(loaded, names, tokens, solver_cfg, calib, progress, writer.store, groups)
     else:
         if needs != "none":
-            stats = calibrate(loaded, plan, tokens, calib, solver_cfg, dist=dist, progress=progress)
+            stats = calibrate(loaded, plan, tokens, calib, dist=dist, progress=progress, **request(solver_cfg))
         solve_dense(loaded, plan.solve, stats.layers if needs != "none" else None, solver_cfg, writer.store,
                     progress=progress, keep=False, groups=groups)
     calib_seconds = stats.seconds

@@ -83,3 +83,9 @@ def plan_layers(targets: list[str], units: Units, done: set[str], shapes: dict[s
     keep = first_members(units, mine)
     return LayerPlan(targets, units, frozenset(done), todo, mine,
                      first_members(units, todo) if where.pooled else keep, keep)
+
+
+def every_layer(targets: list[str]) -> LayerPlan:
+    """One process calibrating and solving every target as its own unit, nothing finished before (benchmarks)."""
+    return LayerPlan(list(targets), {n: (n,) for n in targets}, frozenset(), list(targets), list(targets),
+                     list(targets), list(targets))

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, solving, source
 from armor_export.adapters import target_names
 from armor_export.calibration import TokenWindows, windows
 from armor_export.config import CalibConfig
 from armor_export.corpus import text_files
-from armor_export import calibrate, solving, source
 
 FIT_WINDOWS = 48  # of the default 64 calibration windows; the other 16 are the held-out ones
 
@@ -150,9 +149,8 @@ def parse_evals(spec: str, windows: int | None = None) -> dict:
 
 
 def score(loaded, layers: dict | None, evals: dict) -> dict:
-    from benchmarks.quality import swapped
     from armor_export.evaluate import perplexity
-    m = loaded.model if layers is None else swapped(loaded.model, layers)
+    m = loaded.model if layers is None else solving.with_layers(loaded.model, layers)
     return {k: perplexity(m, tw.token_ids, batch_size=1, progress=False) for k, tw in evals.items()}
 
 

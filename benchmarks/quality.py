@@ -6,13 +6,14 @@ Parts: ``dense`` (the unpruned model), ``main`` (every method, one-pass calibrat
 sweep), ``lr`` (Adam learning-rate sweep), ``rounds`` (sparse-core rounds per iteration), ``blocks`` (ARMOR
 block-size sweep), ``sequential`` (one-pass vs sequential calibration), ``modelopt``
 (NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). One dense calibration pass (full H when a
-method needs it; h = diag H) is shared by every one-pass method; each method's layers are swapped into a deep copy
-of the model as ``ArmorLinear`` and the copy is scored on every evaluation text (default: the registered corpora,
+method needs it; h = diag H; the calibrate stage, armor_export.calibrate) is shared by every one-pass method; each
+method's layers are solved by the solve stage (armor_export.solving), put into a copy of the model
+(``solving.with_layers``) and the copy is scored on every evaluation text (default: the registered corpora,
 in-domain Shakespeare and out-of-domain technical / general English, armor_export.corpus.CORPORA; token
 perplexity, mean of window means, fp32, batch 1; ``perplexity`` is the first text's, ``perplexities`` all).
 Per run: perplexities, mean proxy loss (SolveReport ``loss_final``; 1 = all-zero weight),
 A/B parameter overhead (``report.artifact_summary``), solve time. ARMOR's defaults come from
-``solver.config.PRESETS["cpu"]`` at run time. Gap closed = (best baseline ppl - ARMOR ppl) / (best baseline ppl -
+``solver.config.PRESETS["cpu"]`` at run time, under the CLI's rule (``armor_export.config.solver_settings``). Gap closed = (best baseline ppl - ARMOR ppl) / (best baseline ppl -
 dense ppl), best baseline = the lowest one-pass baseline perplexity, per text. A main method ``armor:PRESET``
 is ARMOR with that preset's settings (e.g. ``armor:quality``).
 
@@ -24,7 +25,6 @@ every part in seconds. Prints a markdown table, writes the JSON, and prints the 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -39,8 +39,9 @@ import torch
 
 from armor_export.adapters import target_names
 from armor_export.artifact import LayerFactors
-from armor_export.config import CalibConfig
+from armor_export.config import CalibConfig, solver_settings
 from armor_export.corpus import parse_corpus_list
+from armor_export.plan import every_layer
 from armor_export.eval_suite import eval_configs, prepare
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
@@ -48,7 +49,6 @@ from armor_export import calibrate, solving, source, writer
 from benchmarks.modelopt_launch import run_modelopt
 from benchmarks.quality_table import gap_closed, method_spec, ppls_str, shrink_key, table
 from benchmarks.synth import make_tiny_model_dir, sample_text
-from engines.torch_module import ArmorLinear, set_submodule
 from solver.config import PRESETS, SHRINK_TARGETS, SolverConfig
 from solver.factors import Factorization
 from solver.methods import stats_needed
@@ -92,14 +92,6 @@ def make_smoke_inputs(root: Path) -> tuple[Path, Path, Path]:
 
 
 # ---------------------------------------------------------------- one run = one set of pruned layers
-def swapped(model, layers: dict) -> torch.nn.Module:
-    m = copy.deepcopy(model)
-    for name, lf in layers.items():
-        f = lf.factors
-        set_submodule(m, name, ArmorLinear(f.S, f.A_blocks, f.B_blocks, lf.bias))
-    return m.eval()
-
-
 def layer_summary(method: str, layers: dict, model, stats) -> dict:
     """Mean proxy losses, fallbacks and the A/B overhead, through the artifact manifest's summary."""
     entries = {}
@@ -134,11 +126,9 @@ class Bench:
         self.evs = {k: w for k, (_, w) in prepare(self.loaded.tokenizer, eval_configs(
             args.eval_text, corpora, windows=args.eval_windows, seqlen=args.eval_seqlen)).items()}
         self.ev = next(iter(self.evs.values()))  # the first text: gap closed, the ModelOpt cross-check
-        preset = PRESETS["cpu"]
-        self.b = args.block_size or preset["block_size"]
-        self.iters = preset["iterations"] if args.iterations is None else args.iterations
-        self.lr = args.lr or preset.get("lr", SolverConfig.lr)
-        self.rounds = args.sparse_rounds or preset.get("sparse_rounds", SolverConfig.sparse_rounds)
+        d = solver_settings("cpu", block_size=args.block_size, iterations=args.iterations, lr=args.lr,
+                            sparse_rounds=args.sparse_rounds)  # the CLI's rule: explicit settings over the preset
+        self.b, self.iters, self.lr, self.rounds = d.block_size, d.iterations, d.lr, d.sparse_rounds
         self.stats, self.calib_seconds, self.cache, self.not_run = None, None, {}, []
         self.previous_runs, self.previous_modelopt, self.previous_dense = [], None, None
         for prev in args.reuse or ():
@@ -196,10 +186,9 @@ class Bench:
         """One dense pass; full H (which also gives h) when any method of this invocation needs it."""
         if self.stats is None or (full and self.stats[self.names[0]].H is None):
             full = full or self.args.full_stats or self.want_full
-            t0 = time.perf_counter()
-            self.stats = calibrate.collect_stats(self.loaded, self.names, self.calib, full=full,
-                                                progress=not self.args.quiet)
-            self.calib_seconds = round(time.perf_counter() - t0, 2)
+            stats = calibrate.calibrate(self.loaded, every_layer(self.names), self.calib, self.calib_cfg, full=full,
+                                        progress=not self.args.quiet)
+            self.stats, self.calib_seconds = stats.layers, round(stats.seconds, 2)
             self.log(f"calibration statistics ({'full H' if full else 'diag h'}) for {len(self.names)} linears "
                      f"in {self.calib_seconds} s")
         return self.stats
@@ -232,26 +221,21 @@ class Bench:
                                  "lr": key[6], "sparse_rounds": key[7], "objective": key[8], "refit": key[9],
                                  "refit_shrink": shrink if refits else None})
             return None
-        cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
-                           objective=objective if method == "armor" else "diag",
-                           refit=refit if method == "armor" else "none",
-                           refit_shrink=shrink, refit_shrink_to=shrink_to,
-                           **({} if damp is None else {"sparsegpt_damp": damp}))
+        cfg = solver_settings(preset or "cpu", method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
+                              objective=objective if method == "armor" else "diag",
+                              refit=refit if method == "armor" else "none",
+                              refit_shrink=shrink, refit_shrink_to=shrink_to, sparsegpt_damp=damp)
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
         if mode == "dense":
             layers = solving.solve_dense(self.loaded, self.names, stats, cfg)
             if mask_only:  # keep the mask, drop the weight updates: W * (S != 0)
-                layers = {n: LayerFactors(Factorization(torch.where(
-                    lf.factors.S != 0, self.loaded.model.get_submodule(n).weight.detach().float(), 0.0)),
-                    lf.bias, {**lf.info, "loss_final": None}) for n, lf in layers.items()}
-            model = swapped(self.loaded.model, layers)
-        else:
-            model = copy.deepcopy(self.loaded.model)
-            work = source.Loaded(self.loaded.folder, model, self.loaded.tokenizer, self.loaded.family)
-            layers = solving.solve_sequential(work, self.names, self.calib, cfg,
-                                               dataclasses.replace(self.calib_cfg, mode="sequential"),
-                                               progress=False)
+                layers = {n: LayerFactors(Factorization(torch.where(lf.factors.S != 0, self.loaded.weight(n), 0.0)),
+                                          lf.bias, {**lf.info, "loss_final": None}) for n, lf in layers.items()}
+        else:  # calibrate and solve block by block; the loaded model is the dense one again afterwards
+            layers = solving.solve_sequential(self.loaded, self.names, self.calib, cfg,
+                                              dataclasses.replace(self.calib_cfg, mode="sequential"), progress=False)
+        model = solving.with_layers(self.loaded.model, layers)
         solve_s = round(time.perf_counter() - t0, 2)
         ppls, eval_s = self.ppl(model)
         ppl = next(iter(ppls.values()))

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, solving, source
 from armor_export.adapters import target_names
 from armor_export.artifact import LayerFactors
 from armor_export.config import CalibConfig, EvalConfig
 from armor_export.evaluate import perplexity
-from armor_export import calibrate, solving, source
-from benchmarks.quality import swapped
 from solver.blockdiag import identity_blocks
 from solver.config import SolverConfig
 from solver.factors import Factorization
@@ -67,7 +65,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         layers = solving.solve_dense(loaded, names, stats, SolverConfig(method=method))
         solve_s = time.perf_counter() - t0
-        ppl_before = perplexity(swapped(loaded.model, layers), ev.token_ids, batch_size=1, progress=False)
+        ppl_before = perplexity(solving.with_layers(loaded.model, layers), ev.token_ids, batch_size=1, progress=False)
         t0, refitted, before, after = time.perf_counter(), {}, [], []
         for n, lf in layers.items():
             W = loaded.model.get_submodule(n).weight.detach().float()
@@ -78,7 +76,7 @@ def main(argv=None) -> dict:
             before.append(info["loss_before"])
             after.append(info["loss_after"])
         refit_s = time.perf_counter() - t0
-        ppl_after = perplexity(swapped(loaded.model, refitted), ev.token_ids, batch_size=1, progress=False)
+        ppl_after = perplexity(solving.with_layers(loaded.model, refitted), ev.token_ids, batch_size=1, progress=False)
         r = {"method": method, "block_size": b, "refit_rounds": cfg.refit_rounds, "ppl_before": ppl_before,
              "ppl_after": ppl_after, "mean_output_loss_before": sum(before) / len(before),
              "mean_output_loss_after": sum(after) / len(after), "solve_seconds": round(solve_s, 1),

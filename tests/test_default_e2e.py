@@ -9,10 +9,9 @@ import math
 
 import pytest
 
-from armor_export import pipeline
+from armor_export import pipeline, source
 from armor_export.artifact import read_manifest
 from armor_export.config import CalibConfig, EvalConfig
-from armor_export import source
 from solver.config import SolverConfig
 
 pytestmark = pytest.mark.slow

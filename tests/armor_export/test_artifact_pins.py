@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, source, writer
 from armor_export.artifact import load_artifact
 from armor_export.config import CalibConfig
 from armor_export.resume import LayerStore
-from armor_export import calibrate, source, writer
 from solver.config import SolverConfig
 
 PINS = Path(__file__).parent / "data" / "artifact_pins.json"

@@ -8,13 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from armor_export import pipeline
+from armor_export import adapters, calibrate, pipeline, source
 from armor_export.artifact import load_artifact, read_manifest
 from armor_export.calibration import windows
 from armor_export.config import CalibConfig, EvalConfig
 from armor_export.corpus import CorpusError, default_split, text_files
 from armor_export.evaluate import perplexity
-from armor_export import adapters, calibrate, source
 from engines.torch_module import load_armor_model
 from solver.baselines import nowag_score, prune_by_score
 from solver.config import SolverConfig

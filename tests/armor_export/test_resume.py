@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, source, writer
 from armor_export.artifact import ArtifactError, LayerFactors, load_artifact
 from armor_export.config import CalibConfig
 from armor_export.fsutil import TMP_TAG
 from armor_export.resume import RUN_FILE, LayerStore, store_dir
-from armor_export import calibrate, source, writer
 from solver.config import SolverConfig
 from solver.factors import Factorization
 

@@ -10,11 +10,10 @@ import json
 import torch
 from safetensors import safe_open
 
-from armor_export import pipeline
+from armor_export import pipeline, source
 from armor_export.artifact import BASE_FILE, load_artifact
 from armor_export.cli import main
 from armor_export.config import CalibConfig
-from armor_export import source
 from solver.config import SolverConfig
 
 
