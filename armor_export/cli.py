@@ -219,18 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def solver_config(a):
-    from solver.config import PRESETS, SolverConfig
+    from armor_export.config import solver_settings
 
-    d = dict(PRESETS[a.preset], method=a.method, seed=a.seed, device=a.device)
-    for flag, key in (("block_size", "block_size"), ("iterations", "iterations"), ("lr", "lr"),
-                      ("selection", "selection"), ("patience", "patience"),
-                      ("sparse_rounds", "sparse_rounds"), ("lr_schedule", "lr_schedule"),
-                      ("objective", "objective"), ("hessian_damp", "hessian_damp"), ("refit", "refit"),
-                      ("refit_rounds", "refit_rounds"), ("refit_shrink", "refit_shrink"),
-                      ("refit_shrink_to", "refit_shrink_to")):
-        if getattr(a, flag) is not None:
-            d[key] = getattr(a, flag)
-    return SolverConfig(**d)
+    flags = ("block_size", "iterations", "lr", "selection", "patience", "sparse_rounds", "lr_schedule", "objective",
+             "hessian_damp", "refit", "refit_rounds", "refit_shrink", "refit_shrink_to")  # flag name = setting
+    return solver_settings(a.preset, method=a.method, seed=a.seed, device=a.device,
+                           **{f: getattr(a, f) for f in flags})
 
 
 def calib_config(a):
@@ -282,7 +276,9 @@ def cmd_eval(a) -> int:
         model, tok, _ = pipeline.load_artifact_model(a.artifact)  # checks every file's hash first
         what = str(a.artifact)
     else:
-        loaded = pipeline.load(a.model)
+        from armor_export.source import load
+
+        loaded = load(a.model)
         model, tok, what = loaded.model, loaded.tokenizer, str(loaded.folder)
     from armor_export.config import check_positions
 
@@ -375,7 +371,7 @@ def cmd_run(a) -> int:
 
 
 def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfgs) -> int:
-    from armor_export import pipeline, report
+    from armor_export import pipeline, report, source
     from armor_export.eval_suite import prepare, score
     from armor_export.config import check_positions
     from engines.base import ExportConfig
@@ -383,10 +379,10 @@ def _run(a, out: Path, engine: str | None, low, scfg, ccfg, ecfgs) -> int:
 
     t0 = time.perf_counter()
     summary: dict = {"engine": engine, "peak_rss_mb": {}}
-    loaded = pipeline.load(a.model)
+    loaded = source.load(a.model)
     calibrates = stats_needed(scfg) != "none"
     check_positions(loaded.model.config, calib_seqlen=ccfg.seqlen if calibrates else None, eval_seqlen=ecfgs[0].seqlen)
-    pipeline.prunable(loaded, scfg, tuple(a.ignore))  # block size, 2:4 shapes, --ignore: before the dense eval
+    source.prunable(loaded, scfg, tuple(a.ignore))  # block size, 2:4 shapes, --ignore: before the dense eval
     texts = prepare(loaded.tokenizer, ecfgs)  # the pruned model keeps the tokenizer: tokenise once
     # One model in memory at a time: dense (eval, then prune), pruned (eval), then the engine's own.
     summary["dense"] = score(loaded.model, texts, desc="perplexity (dense)", what=str(loaded.folder))

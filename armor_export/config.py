@@ -90,3 +90,11 @@ def check_positions(config, *, calib_seqlen: int | None = None, eval_seqlen: int
         if n is not None and n > limit:
             raise ValueError(f"{flag} {n} is longer than the model's {limit} positions (max_position_embeddings "
                              f"in its config.json); use {flag} {limit} or less")
+
+
+def solver_settings(preset: str, **overrides):
+    """The solver.config.SolverConfig of preset ``preset`` with every override that is not None on top: the one
+    way the CLI and the benchmarks turn a preset and explicit settings into a solver configuration."""
+    from solver.config import PRESETS, SolverConfig
+
+    return SolverConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})

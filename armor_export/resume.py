@@ -3,13 +3,13 @@
 The store is the sibling folder ``<out>.partial/`` of the artifact ``<out>``:
   run.json                  {"store_version", "key": <hash of the run settings>, "settings": {...}}
   <fqn>.safetensors         one finished chunk of layers (``<fqn>`` its first layer), already in the
-                            artifact's shard format (``artifact.write_shard``: packed S, A, B, bias)
+                            artifact's shard format (``artifact_write.write_shard``: packed S, A, B, bias)
   <fqn>.json                the chunk's record: its layers, their manifest entries and solver facts,
                             and the sha256 of its .safetensors
 Each file is written to a temporary name and renamed into place; the .json is written last, so a
 chunk counts as finished only when its .json exists and the tensor file's hash matches it. A kill at
 any moment leaves at worst a temporary file, removed on the next open. The chunk files become the
-artifact's shards (``artifact.finish_artifact`` links them in): the factors are never assembled in
+artifact's shards (``artifact_write.finish_artifact`` links them in): the factors are never assembled in
 memory and never copied.
 
 The key hashes everything that changes a layer's result (model files, solver options, calibration
@@ -24,7 +24,8 @@ import json
 import shutil
 from pathlib import Path
 
-from armor_export.artifact import WEIGHT_SUFFIXES, ArtifactError, LayerFactors, LazyLayers, tensor_keys, write_shard
+from armor_export.artifact import WEIGHT_SUFFIXES, ArtifactError, LayerFactors, LazyLayers, tensor_keys
+from armor_export.artifact_write import write_shard
 from armor_export.fsutil import MARKER, OutputError, atomic_write_file, read_marker, remove_tree, sha256_file, \
     write_marker
 
@@ -185,7 +186,7 @@ class LayerStore:
         return set(self.index())
 
     def save_chunk(self, layers: dict[str, LayerFactors]) -> None:
-        """Checkpoint one solved chunk as a shard of the artifact (``artifact.write_shard``)."""
+        """Checkpoint one solved chunk as a shard of the artifact (``artifact_write.write_shard``)."""
         first = next(iter(layers))
         tfile = self.root / f"{first}.safetensors"
         entries = {}
@@ -212,7 +213,7 @@ class LayerStore:
 
     def shards(self, names: list[str]) -> list[tuple[Path, dict]]:
         """The chunks holding ``names``, in the order of their first layer in ``names``, as
-        ``artifact.finish_artifact`` takes them (verified; every layer must be finished)."""
+        ``artifact_write.finish_artifact`` takes them (verified; every layer must be finished)."""
         idx, order = self.index(), {}
         missing = [n for n in names if n not in idx]
         if missing:

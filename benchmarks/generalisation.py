@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, solving, source
 from armor_export.adapters import target_names
 from armor_export.calibration import TokenWindows, windows
 from armor_export.config import CalibConfig
@@ -48,17 +48,17 @@ def subset(tw: TokenWindows, sl: slice) -> TokenWindows:
 
 
 def cmd_stats(a) -> None:
-    loaded = pipeline.load(a.model)
+    loaded = source.load(a.model)
     fam = loaded.family
     names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
-    calib = pipeline.calibration_windows(loaded.tokenizer, CalibConfig())
+    calib = calibrate.calibration_windows(loaded.tokenizer, CalibConfig())
     ood = windows(loaded.tokenizer, text_files(a.ood_text), 16, 512, seed=1, what="ood")
     sets = {"fit": subset(calib, slice(0, FIT_WINDOWS)), "ho": subset(calib, slice(FIT_WINDOWS, None)), "ood": ood}
     out = Path(a.cache)
     out.mkdir(parents=True, exist_ok=True)
     for key, tw in sets.items():
         t0 = time.perf_counter()
-        st = pipeline.collect_stats(loaded, names, tw, full=True, progress=False)
+        st = calibrate.collect_stats(loaded, names, tw, full=True, progress=False)
         torch.save({n: {"H": s.H, "h": s.h, "n": s.n_tokens} for n, s in st.items()}, out / f"{key}.pt")
         log(f"{key}: {tw.token_ids.shape[0]} windows, full H of {len(names)} linears in "
             f"{time.perf_counter() - t0:.0f} s")
@@ -99,7 +99,7 @@ def nowag_masks(loaded, names: list[str], st: dict) -> dict:
     from solver.config import SolverConfig
     from solver.stats import LayerStats
     stats = {n: LayerStats(st[n]["h"], st[n]["n"], st[n]["H"]) for n in names}
-    return {n: lf.factors.S for n, lf in pipeline.solve_dense(loaded, names, stats, SolverConfig(method="nowag")).items()}
+    return {n: lf.factors.S for n, lf in solving.solve_dense(loaded, names, stats, SolverConfig(method="nowag")).items()}
 
 
 def refit_variant(W, A, S, B, H, v: dict, b: int, name: str):
@@ -111,7 +111,7 @@ def refit_variant(W, A, S, B, H, v: dict, b: int, name: str):
 def cmd_layers(a) -> None:
     from solver.blockdiag import identity_blocks, product
     from solver.refit import output_loss
-    loaded = pipeline.load(a.model)
+    loaded = source.load(a.model)
     fam = loaded.family
     blocks = {int(x) for x in a.blocks.split(",")}
     names = [n for n in target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
@@ -149,9 +149,8 @@ def parse_evals(spec: str, windows: int | None = None) -> dict:
 
 
 def score(loaded, layers: dict | None, evals: dict) -> dict:
-    from benchmarks.quality import swapped
     from armor_export.evaluate import perplexity
-    m = loaded.model if layers is None else swapped(loaded.model, layers)
+    m = loaded.model if layers is None else solving.with_layers(loaded.model, layers)
     return {k: perplexity(m, tw.token_ids, batch_size=1, progress=False) for k, tw in evals.items()}
 
 
@@ -176,7 +175,7 @@ def start_factors(loaded, names, st, start: str, cache: Path, b: int) -> dict:
     stats = {n: LayerStats(st[n]["h"], st[n]["n"], st[n]["H"]) for n in names}
     cfg = SolverConfig(**{**PRESETS["cpu"], "objective": "block-hessian", "iterations": iters, "block_size": b})
     t0 = time.perf_counter()
-    layers = pipeline.solve_dense(loaded, names, stats, cfg)
+    layers = solving.solve_dense(loaded, names, stats, cfg)
     log(f"ARMOR block-hessian BCD, {iters} iterations: {time.perf_counter() - t0:.0f} s")
     out = {n: (lf.factors.A_blocks, lf.factors.S, lf.factors.B_blocks) for n, lf in layers.items()}
     torch.save(out, path)
@@ -186,7 +185,7 @@ def start_factors(loaded, names, st, start: str, cache: Path, b: int) -> dict:
 def cmd_ppl(a) -> None:
     from armor_export.artifact import LayerFactors
     from solver.factors import Factorization
-    loaded = pipeline.load(a.model)
+    loaded = source.load(a.model)
     fam = loaded.family
     names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
     cache = Path(a.cache)
@@ -207,7 +206,7 @@ def cmd_ppl(a) -> None:
     b = a.block_size
     starts = start_factors(loaded, names, st, a.start, cache, b)
     if a.no_refit:
-        layers = {n: LayerFactors(Factorization(S, A, B).validated(n), pipeline.bias_of(loaded, n), {})
+        layers = {n: LayerFactors(Factorization(S, A, B).validated(n), source.bias_of(loaded, n), {})
                   for n, (A, S, B) in starts.items()}
         record({"run": f"{a.start} (no refit)", "ppl": score(loaded, layers, evals)})
     for v in parse_variants(a.variants):
@@ -216,7 +215,7 @@ def cmd_ppl(a) -> None:
             W = loaded.model.get_submodule(n).weight.detach().float()
             A, S, B = starts[n]
             A, S, B, info = refit_variant(W, A, S, B, st[n]["H"], v, b, n)
-            layers[n] = LayerFactors(Factorization(S, A, B).validated(n), pipeline.bias_of(loaded, n), {})
+            layers[n] = LayerFactors(Factorization(S, A, B).validated(n), source.bias_of(loaded, n), {})
             before.append(info["loss_before"])
             after.append(info["loss_after"])
         secs = round(time.perf_counter() - t0, 1)

@@ -23,15 +23,15 @@ IMPORT_ONLY = "import torch, transformers, armor_export.pipeline"
 # Calibration alone (load + windows + statistics of every target), the phase layer-by-layer bounds.
 CALIB_ONLY = """
 import sys
-from armor_export import pipeline
 from armor_export.adapters import target_names
 from armor_export.config import CalibConfig
+from armor_export import calibrate, source
 layerwise, model, n, t = sys.argv[1] == "1", sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
-loaded = pipeline.load(model, layerwise=layerwise)
+loaded = source.load(model, layerwise=layerwise)
 fam = loaded.family
 names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
-tokens = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(samples=n, seqlen=t))
-pipeline.collect_stats(loaded, names, tokens, full=False, progress=False)
+tokens = calibrate.calibration_windows(loaded.tokenizer, CalibConfig(samples=n, seqlen=t))
+calibrate.collect_stats(loaded, names, tokens, full=False, progress=False)
 """
 MODES = {"import_only": None, "calib_full_model": "0", "calib_layer_by_layer": "1",
          "full_model": [], "layer_by_layer": ["--layer-by-layer"]}

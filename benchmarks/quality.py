@@ -6,13 +6,14 @@ Parts: ``dense`` (the unpruned model), ``main`` (every method, one-pass calibrat
 sweep), ``lr`` (Adam learning-rate sweep), ``rounds`` (sparse-core rounds per iteration), ``blocks`` (ARMOR
 block-size sweep), ``sequential`` (one-pass vs sequential calibration), ``modelopt``
 (NVIDIA ModelOpt cross-check in its own venv, only with --modelopt). One dense calibration pass (full H when a
-method needs it; h = diag H) is shared by every one-pass method; each method's layers are swapped into a deep copy
-of the model as ``ArmorLinear`` and the copy is scored on every evaluation text (default: the registered corpora,
+method needs it; h = diag H; the calibrate stage, armor_export.calibrate) is shared by every one-pass method; each
+method's layers are solved by the solve stage (armor_export.solving), put into a copy of the model
+(``solving.with_layers``) and the copy is scored on every evaluation text (default: the registered corpora,
 in-domain Shakespeare and out-of-domain technical / general English, armor_export.corpus.CORPORA; token
 perplexity, mean of window means, fp32, batch 1; ``perplexity`` is the first text's, ``perplexities`` all).
 Per run: perplexities, mean proxy loss (SolveReport ``loss_final``; 1 = all-zero weight),
 A/B parameter overhead (``report.artifact_summary``), solve time. ARMOR's defaults come from
-``solver.config.PRESETS["cpu"]`` at run time. Gap closed = (best baseline ppl - ARMOR ppl) / (best baseline ppl -
+``solver.config.PRESETS["cpu"]`` at run time, under the CLI's rule (``armor_export.config.solver_settings``). Gap closed = (best baseline ppl - ARMOR ppl) / (best baseline ppl -
 dense ppl), best baseline = the lowest one-pass baseline perplexity, per text. A main method ``armor:PRESET``
 is ARMOR with that preset's settings (e.g. ``armor:quality``).
 
@@ -20,11 +21,10 @@ The JSON is rewritten after every run (``"partial": true`` until the end). ``--r
 made on the same token windows, so parts can run in separate processes and be merged (``--reuse-only`` computes
 nothing). ``--smoke`` builds a tiny random Llama (small BPE tokenizer) and corpus in a temporary folder and runs
 every part in seconds. Prints a markdown table, writes the JSON, and prints the JSON as the last line.
+The flags are benchmarks/quality_args.py's.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -37,29 +37,27 @@ from pathlib import Path
 
 import torch
 
-from armor_export import pipeline
 from armor_export.adapters import target_names
 from armor_export.artifact import LayerFactors
-from armor_export.config import CalibConfig
+from armor_export.config import CalibConfig, solver_settings
 from armor_export.corpus import parse_corpus_list
+from armor_export.plan import every_layer
 from armor_export.eval_suite import eval_configs, prepare
 from armor_export.evaluate import perplexity
 from armor_export.report import artifact_summary
+from armor_export import calibrate, solving, source, writer
 from benchmarks.modelopt_launch import run_modelopt
+from benchmarks.quality_args import ROOT, parse_args
 from benchmarks.quality_table import gap_closed, method_spec, ppls_str, shrink_key, table
 from benchmarks.synth import make_tiny_model_dir, sample_text
-from engines.torch_module import ArmorLinear, set_submodule
-from solver.config import PRESETS, SHRINK_TARGETS, SolverConfig
+from solver.config import PRESETS, SolverConfig
 from solver.factors import Factorization
 from solver.methods import stats_needed
 from solver.objective import proxy_loss
 from solver.stats import repair_h
 
 SCHEMA = "armor-export/quality/v1"
-PARTS = ("dense", "main", "iters", "lr", "rounds", "blocks", "sequential", "modelopt")
-BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag")
 LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "nowag": "NoWag-P", "armor": "ARMOR"}
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _solver_commit() -> str | None:
@@ -74,9 +72,6 @@ def _solver_commit() -> str | None:
 
 
 SOLVER_COMMIT = _solver_commit()
-SMOKE = dict(calib_windows=8, calib_seqlen=64, eval_windows=8, eval_seqlen=64, block_size=16, iterations=20,
-             block_sizes="8,16,32", iter_sweep="0,5,20,60", lr_sweep="1e-4,3e-3",
-             rounds_sweep="1,2", threads=1)
 
 
 # ---------------------------------------------------------------- tiny model for --smoke
@@ -92,14 +87,6 @@ def make_smoke_inputs(root: Path) -> tuple[Path, Path, Path]:
 
 
 # ---------------------------------------------------------------- one run = one set of pruned layers
-def swapped(model, layers: dict) -> torch.nn.Module:
-    m = copy.deepcopy(model)
-    for name, lf in layers.items():
-        f = lf.factors
-        set_submodule(m, name, ArmorLinear(f.S, f.A_blocks, f.B_blocks, lf.bias))
-    return m.eval()
-
-
 def layer_summary(method: str, layers: dict, model, stats) -> dict:
     """Mean proxy losses, fallbacks and the A/B overhead, through the artifact manifest's summary."""
     entries = {}
@@ -124,21 +111,19 @@ def layer_summary(method: str, layers: dict, model, stats) -> dict:
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.loaded = pipeline.load(args.model)
+        self.loaded = source.load(args.model)
         fam = self.loaded.family
         self.names = target_names(fam, len(self.loaded.model.get_submodule(fam.layers_path)))
         self.calib_cfg = CalibConfig(text=args.calib_text, samples=args.calib_windows, seqlen=args.calib_seqlen)
-        self.calib = pipeline.calibration_windows(self.loaded.tokenizer, self.calib_cfg)
+        self.calib = calibrate.calibration_windows(self.loaded.tokenizer, self.calib_cfg)
         corpora = None if args.eval_corpus is None else tuple(
             n for spec in args.eval_corpus for n in parse_corpus_list(spec))
         self.evs = {k: w for k, (_, w) in prepare(self.loaded.tokenizer, eval_configs(
             args.eval_text, corpora, windows=args.eval_windows, seqlen=args.eval_seqlen)).items()}
         self.ev = next(iter(self.evs.values()))  # the first text: gap closed, the ModelOpt cross-check
-        preset = PRESETS["cpu"]
-        self.b = args.block_size or preset["block_size"]
-        self.iters = preset["iterations"] if args.iterations is None else args.iterations
-        self.lr = args.lr or preset.get("lr", SolverConfig.lr)
-        self.rounds = args.sparse_rounds or preset.get("sparse_rounds", SolverConfig.sparse_rounds)
+        d = solver_settings("cpu", block_size=args.block_size, iterations=args.iterations, lr=args.lr,
+                            sparse_rounds=args.sparse_rounds)  # the CLI's rule: explicit settings over the preset
+        self.b, self.iters, self.lr, self.rounds = d.block_size, d.iterations, d.lr, d.sparse_rounds
         self.stats, self.calib_seconds, self.cache, self.not_run = None, None, {}, []
         self.previous_runs, self.previous_modelopt, self.previous_dense = [], None, None
         for prev in args.reuse or ():
@@ -196,10 +181,9 @@ class Bench:
         """One dense pass; full H (which also gives h) when any method of this invocation needs it."""
         if self.stats is None or (full and self.stats[self.names[0]].H is None):
             full = full or self.args.full_stats or self.want_full
-            t0 = time.perf_counter()
-            self.stats = pipeline.collect_stats(self.loaded, self.names, self.calib, full=full,
-                                                progress=not self.args.quiet)
-            self.calib_seconds = round(time.perf_counter() - t0, 2)
+            stats = calibrate.calibrate(self.loaded, every_layer(self.names), self.calib, self.calib_cfg, full=full,
+                                        progress=not self.args.quiet)
+            self.stats, self.calib_seconds = stats.layers, round(stats.seconds, 2)
             self.log(f"calibration statistics ({'full H' if full else 'diag h'}) for {len(self.names)} linears "
                      f"in {self.calib_seconds} s")
         return self.stats
@@ -232,26 +216,21 @@ class Bench:
                                  "lr": key[6], "sparse_rounds": key[7], "objective": key[8], "refit": key[9],
                                  "refit_shrink": shrink if refits else None})
             return None
-        cfg = SolverConfig(method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
-                           objective=objective if method == "armor" else "diag",
-                           refit=refit if method == "armor" else "none",
-                           refit_shrink=shrink, refit_shrink_to=shrink_to,
-                           **({} if damp is None else {"sparsegpt_damp": damp}))
+        cfg = solver_settings(preset or "cpu", method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
+                              objective=objective if method == "armor" else "diag",
+                              refit=refit if method == "armor" else "none",
+                              refit_shrink=shrink, refit_shrink_to=shrink_to, sparsegpt_damp=damp)
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
         if mode == "dense":
-            layers = pipeline.solve_dense(self.loaded, self.names, stats, cfg)
+            layers = solving.solve_dense(self.loaded, self.names, stats, cfg)
             if mask_only:  # keep the mask, drop the weight updates: W * (S != 0)
-                layers = {n: LayerFactors(Factorization(torch.where(
-                    lf.factors.S != 0, self.loaded.model.get_submodule(n).weight.detach().float(), 0.0)),
-                    lf.bias, {**lf.info, "loss_final": None}) for n, lf in layers.items()}
-            model = swapped(self.loaded.model, layers)
-        else:
-            model = copy.deepcopy(self.loaded.model)
-            work = pipeline.Loaded(self.loaded.folder, model, self.loaded.tokenizer, self.loaded.family)
-            layers = pipeline.solve_sequential(work, self.names, self.calib, cfg,
-                                               dataclasses.replace(self.calib_cfg, mode="sequential"),
-                                               progress=False)
+                layers = {n: LayerFactors(Factorization(torch.where(lf.factors.S != 0, self.loaded.weight(n), 0.0)),
+                                          lf.bias, {**lf.info, "loss_final": None}) for n, lf in layers.items()}
+        else:  # calibrate and solve block by block; the loaded model is the dense one again afterwards
+            layers = solving.solve_sequential(self.loaded, self.names, self.calib, cfg,
+                                              dataclasses.replace(self.calib_cfg, mode="sequential"), progress=False)
+        model = solving.with_layers(self.loaded.model, layers)
         solve_s = round(time.perf_counter() - t0, 2)
         ppls, eval_s = self.ppl(model)
         ppl = next(iter(ppls.values()))
@@ -276,68 +255,6 @@ class Bench:
                  f"rounds={r['sparse_rounds']}): ppl {ppls_str(ppls)}, "
                  f"loss {r['mean_loss']}, solve {solve_s} s, eval {eval_s} s")
         return r
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny random model and corpus, every part, seconds")
-    p.add_argument("--model", default=None, help="HF folder or GGUF (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default="results/quality.json")
-    p.add_argument("--calib-text", default=None, help="calibration text file/folder (default: Shakespeare split)")
-    p.add_argument("--eval-text", action="append", default=[], help="evaluation text file/folder (repeatable)")
-    p.add_argument("--eval-corpus", action="append", default=None,
-                   help="registered corpora, comma-separated (default: all, unless --eval-text is given)")
-    for name, default in (("calib-windows", 64), ("calib-seqlen", 512), ("eval-windows", 32), ("eval-seqlen", 512)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--block-size", type=int, default=None, help="ARMOR b (default: PRESETS['cpu'])")
-    p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (default: PRESETS['cpu'])")
-    p.add_argument("--lr", type=float, default=None, help="ARMOR Adam learning rate (default: PRESETS['cpu'])")
-    p.add_argument("--sparse-rounds", type=int, default=None,
-                   help="ARMOR sparse-core rounds per iteration (default: PRESETS['cpu'])")
-    p.add_argument("--objective", default="diag", choices=("diag", "block-hessian"),
-                   help="ARMOR proxy of the main table (block-hessian needs full H; solver/block_hessian.py)")
-    p.add_argument("--refit", default="none", choices=("none", "output"),
-                   help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")
-    p.add_argument("--refit-shrink", type=float, default=SolverConfig.refit_shrink,
-                   help="the refit's Hessian shrinkage lambda (armor:PRESET takes the preset's)")
-    p.add_argument("--refit-shrink-to", default=SolverConfig.refit_shrink_to, choices=SHRINK_TARGETS)
-    p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
-    p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")
-    p.add_argument("--main-methods", default=",".join((*BASELINES, "armor", "armor:quality")),
-                   help="methods of the main table; armor:PRESET = ARMOR with a preset's settings")
-    p.add_argument("--block-sizes", default="16,32,64", help="block-size sweep")
-    p.add_argument("--iter-sweep", default=None, help="iteration sweep (default: 0,100,D,3D with D the default)")
-    p.add_argument("--seq-methods", default="nowag,armor", help="methods compared one-pass vs sequential")
-    p.add_argument("--only", default=None, help=f"comma list of parts to run, of {PARTS}")
-    p.add_argument("--skip", default="", help="comma list of parts to skip")
-    p.add_argument("--modelopt", action="store_true", help="also run the ModelOpt cross-check (part 'modelopt')")
-    p.add_argument("--modelopt-python", default=str(ROOT / ".venv-modelopt" / "bin" / "python"))
-    p.add_argument("--modelopt-timeout", type=int, default=3600)
-    p.add_argument("--modelopt-threads", type=int, default=1,
-                   help="torch threads of the cross-check (its SparseGPT sweep is column by column: 1 is faster)")
-    p.add_argument("--reuse", action="append", help="earlier quality JSON (same windows) whose runs to reuse; "
-                   "repeatable; the first file holding a run wins")
-    p.add_argument("--reuse-methods", default="magnitude,wanda,sparsegpt,nowag",
-                   help="methods whose runs --reuse takes (ARMOR results depend on the solver version)")
-    p.add_argument("--sweep-iterations", type=int, default=None,
-                   help="ARMOR iterations of the block-size sweep and the sequential comparison (default: the default)")
-    p.add_argument("--reuse-only", action="store_true", help="compute nothing new: report runs missing from --reuse")
-    p.add_argument("--full-stats", action="store_true", help="collect full H even when no method needs it")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --smoke: 1)")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    if a.smoke:
-        for k, v in SMOKE.items():
-            if getattr(a, k) == p.get_default(k):
-                setattr(a, k, v)
-    parts = set(PARTS if a.only is None else a.only.split(",")) - set(a.skip.split(","))
-    if not a.modelopt and a.only is None:
-        parts.discard("modelopt")
-    unknown = parts - set(PARTS)
-    if unknown:
-        p.error(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
-    a.parts = [x for x in PARTS if x in parts]
-    return a
 
 
 def save(res: dict, path, *, partial: bool) -> None:
@@ -381,7 +298,7 @@ def run_parts(bench: Bench, args, out_dir: Path, argv: list[str]) -> dict:
     res = {"schema": SCHEMA, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-           "library_versions": pipeline.library_versions(), "solver_commit": SOLVER_COMMIT,
+           "library_versions": writer.library_versions(), "solver_commit": SOLVER_COMMIT,
            "command": " ".join(["python -m benchmarks.quality", *argv]), "smoke": args.smoke, "parts": args.parts,
            "model": {"folder": str(bench.loaded.folder), "targets": len(bench.names)},
            "calibration": {**bench.calib.describe(), "mode": "dense one-pass, shared by all one-pass runs"},

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, solving, source
 from armor_export.adapters import target_names
 from armor_export.artifact import LayerFactors
 from armor_export.config import CalibConfig, EvalConfig
 from armor_export.evaluate import perplexity
-from benchmarks.quality import swapped
 from solver.blockdiag import identity_blocks
 from solver.config import SolverConfig
 from solver.factors import Factorization
@@ -49,24 +48,24 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     log = lambda m: print(f"[refit-ablation {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa
-    loaded = pipeline.load(a.model)
+    loaded = source.load(a.model)
     fam = loaded.family
     names = target_names(fam, len(loaded.model.get_submodule(fam.layers_path)))
-    calib = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(text=a.calib_text, samples=a.calib_samples,
+    calib = calibrate.calibration_windows(loaded.tokenizer, CalibConfig(text=a.calib_text, samples=a.calib_samples,
                                                                        seqlen=a.calib_seqlen))
     ev = pipeline.eval_windows(loaded.tokenizer, EvalConfig(text=a.eval_text, windows=a.eval_windows,
                                                            seqlen=a.eval_seqlen))
     t0 = time.perf_counter()
-    stats = pipeline.collect_stats(loaded, names, calib, full=True, progress=False)
+    stats = calibrate.collect_stats(loaded, names, calib, full=True, progress=False)
     log(f"full-H calibration of {len(names)} linears in {time.perf_counter() - t0:.0f} s")
     cfg = SolverConfig(refit="output")  # the refit's settings as --refit output uses them
     b = a.block_size
     runs = []
     for method in a.methods.split(","):
         t0 = time.perf_counter()
-        layers = pipeline.solve_dense(loaded, names, stats, SolverConfig(method=method))
+        layers = solving.solve_dense(loaded, names, stats, SolverConfig(method=method))
         solve_s = time.perf_counter() - t0
-        ppl_before = perplexity(swapped(loaded.model, layers), ev.token_ids, batch_size=1, progress=False)
+        ppl_before = perplexity(solving.with_layers(loaded.model, layers), ev.token_ids, batch_size=1, progress=False)
         t0, refitted, before, after = time.perf_counter(), {}, [], []
         for n, lf in layers.items():
             W = loaded.model.get_submodule(n).weight.detach().float()
@@ -77,7 +76,7 @@ def main(argv=None) -> dict:
             before.append(info["loss_before"])
             after.append(info["loss_after"])
         refit_s = time.perf_counter() - t0
-        ppl_after = perplexity(swapped(loaded.model, refitted), ev.token_ids, batch_size=1, progress=False)
+        ppl_after = perplexity(solving.with_layers(loaded.model, refitted), ev.token_ids, batch_size=1, progress=False)
         r = {"method": method, "block_size": b, "refit_rounds": cfg.refit_rounds, "ppl_before": ppl_before,
              "ppl_after": ppl_after, "mean_output_loss_before": sum(before) / len(before),
              "mean_output_loss_after": sum(after) / len(after), "solve_seconds": round(solve_s, 1),

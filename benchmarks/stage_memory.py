@@ -22,6 +22,7 @@ import ctypes
 import json
 import tempfile
 from pathlib import Path
+from armor_export import source
 
 
 def _status_kb(field: str) -> int:
@@ -58,7 +59,7 @@ def measure(layers: int, root: Path, *, hidden: int = 512, intermediate: int = 1
                                 intermediate_size=intermediate, num_attention_heads=8, num_key_value_heads=4,
                                 head_dim=hidden // 8)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    loaded, load_bytes = peak_growth(lambda: pipeline.load(str(model)))
+    loaded, load_bytes = peak_growth(lambda: source.load(str(model)))
     art, prune_bytes = peak_growth(lambda: pipeline.prune(
         str(model), SolverConfig(method="magnitude"), CalibConfig(), root / f"art{layers}", progress=False,
         loaded=loaded))

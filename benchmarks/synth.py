@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from armor_export.artifact import LayerFactors, load_artifact, save_artifact
+from armor_export.artifact import LayerFactors, load_artifact
+from armor_export.artifact_write import save_artifact
 from solver.factors import Factorization
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from armor_export import pipeline
+from armor_export import pipeline, source
 from armor_export.artifact import read_manifest
 from armor_export.config import CalibConfig, EvalConfig
 from solver.config import SolverConfig
@@ -22,7 +22,7 @@ CALIB = CalibConfig(samples=8, seqlen=512)
 
 @pytest.fixture(scope="module")
 def default_model():
-    return pipeline.load(None)
+    return source.load(None)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ calibration's (so its whole-model runs refit on the very H the CLI collects)."""
 import pytest
 import torch
 
-from armor_export import pipeline
 from armor_export.config import CalibConfig
+from armor_export import calibrate, source
 from benchmarks.generalisation import merged, parse_variants, subset
 
 
@@ -17,12 +17,12 @@ def test_variants_fill_defaults_and_reject_unknown_keys():
 
 
 def test_fit_and_held_out_statistics_merge_into_the_whole_calibrations(tiny_model_dir, tiny_text_dir):
-    loaded = pipeline.load(str(tiny_model_dir))
-    calib = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"), samples=4,
+    loaded = source.load(str(tiny_model_dir))
+    calib = calibrate.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"), samples=4,
                                                                        seqlen=16))
     names = ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     get = lambda tw: {n: {"H": s.H, "h": s.h, "n": s.n_tokens}  # noqa: E731
-                      for n, s in pipeline.collect_stats(loaded, names, tw, full=True, progress=False).items()}
+                      for n, s in calibrate.collect_stats(loaded, names, tw, full=True, progress=False).items()}
     whole = get(calib)
     parts = merged(get(subset(calib, slice(0, 3))), get(subset(calib, slice(3, None))))
     for n in names:

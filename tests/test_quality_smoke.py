@@ -96,6 +96,15 @@ def test_armor_loss_not_above_nowag(smoke):
     assert it0["mean_loss"] == pytest.approx(nowag["mean_loss"], rel=1e-4)
 
 
+def test_sequential_runs_score_the_pruned_model(smoke):
+    """A sequential run is scored with its own pruned layers in the model (once it scored the dense model: the
+    sequential solve puts the dense linears back, and the benchmark evaluated that copy)."""
+    _, res = smoke
+    dense = res["dense"]["perplexities"]
+    for r in res["sweeps"]["calibration_mode"]:
+        assert r["perplexities"] != dense, (r["label"], r["calibration"])
+
+
 def test_block_hessian_objective_run(tmp_path):
     """--objective reaches ARMOR's runs: labelled, recorded, with the paper's proxy of the same factors beside."""
     from benchmarks.quality import main

@@ -9,19 +9,20 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from armor_export import pipeline, shard
+from armor_export import shard
 from armor_export.config import CalibConfig
+from armor_export import calibrate, source
 from solver.config import SolverConfig
 
 
 def main() -> None:
     model, text, out, samples, seqlen, layerwise = sys.argv[1:7]
     dist = shard.init_from_env("cpu")
-    loaded = pipeline.load(model, layerwise=layerwise == "1")
-    names = pipeline.prunable(loaded, SolverConfig(method="nowag"))
-    tokens = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(text=text, samples=int(samples),
+    loaded = source.load(model, layerwise=layerwise == "1")
+    names = source.prunable(loaded, SolverConfig(method="nowag"))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, CalibConfig(text=text, samples=int(samples),
                                                                         seqlen=int(seqlen)))
-    stats = pipeline.collect_stats(loaded, names, tokens, full=True, progress=False, dist=dist)
+    stats = calibrate.collect_stats(loaded, names, tokens, full=True, progress=False, dist=dist)
     tensors = {f"{n}.h": s.h for n, s in stats.items()} | {f"{n}.H": s.H for n, s in stats.items()}
     save_file({k: v.clone() for k, v in tensors.items()}, str(Path(out) / f"rank{dist.rank}.safetensors"))
     (Path(out) / f"rank{dist.rank}.json").write_text(json.dumps({n: s.n_tokens for n, s in stats.items()}))

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from armor_export.artifact import (FACTORS_INDEX, MANIFEST, ArtifactError, LayerFactors, load_artifact,
-                                   read_manifest, shard_name, save_artifact)
+                                   read_manifest, shard_name)
+from armor_export.artifact_write import save_artifact
 from armor_export.fsutil import atomic_dir, stale_temporaries
 from solver.factors import Factorization
 from solver.sparsity import mask_24, unpack_24

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from armor_export.artifact import ArtifactError, load_artifact
 from armor_export.cli import main
+from armor_export import calibrate, source
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = "model.safetensors"
@@ -138,7 +139,7 @@ def _loaded_with(tiny_model_dir, name: str, index, value):
     calibration pass although the checkpoint passed the load checks (what an fp16 overflow would do)."""
     from armor_export import pipeline
 
-    loaded = pipeline.load(str(tiny_model_dir))
+    loaded = source.load(str(tiny_model_dir))
     with torch.no_grad():
         loaded.model.get_parameter(name)[index] = value
     return loaded
@@ -150,8 +151,8 @@ def test_nonfinite_activations_are_dropped_and_counted(tiny_model_dir, tiny_text
     from solver.config import SolverConfig
 
     calib = CalibConfig(text=str(tiny_text_dir / "calib"), samples=4, seqlen=32)
-    loaded = pipeline.load(str(tiny_model_dir))
-    ids = pipeline.calibration_windows(loaded.tokenizer, calib).token_ids
+    loaded = source.load(str(tiny_model_dir))
+    ids = calibrate.calibration_windows(loaded.tokenizer, calib).token_ids
     first = {}
     for row in ids.tolist():  # the token whose earliest position in any window is latest
         for pos, t in enumerate(row):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from armor_export.cli import main
 from armor_export.fsutil import HASHES, MARKER, TMP_TAG, lock_path
 from armor_export.manifest import DIGEST, LAYER, TOP
+from armor_export import writer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,9 +222,9 @@ def test_full_disk_real_tmpfs(capsys, tiny_model_dir, mount):
 
 
 def test_full_disk_monkeypatched_write(capsys, tiny_model_dir, tmp_path, monkeypatch):
-    import armor_export.artifact as artifact
+    import armor_export.artifact_write as artifact_write
 
-    real = artifact.save_file
+    real = artifact_write.save_file
 
     def half_then_enospc(tensors, path, metadata=None):
         if path.endswith("base.safetensors"):
@@ -231,7 +232,7 @@ def test_full_disk_monkeypatched_write(capsys, tiny_model_dir, tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(artifact, "save_file", half_then_enospc)
+    monkeypatch.setattr(artifact_write, "save_file", half_then_enospc)
     out = tmp_path / "deep" / "art"
     rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out, "--no-resume"))
     assert_clear(rc, err, out, "No space left on device", "free space")
@@ -240,7 +241,7 @@ def test_full_disk_monkeypatched_write(capsys, tiny_model_dir, tmp_path, monkeyp
     rc, err = run_cli(capsys, *prune_args(tiny_model_dir, out))
     assert_clear(rc, err, out, "No space left on device", "rerun the same command to resume")
     assert sorted(p.name for p in out.parent.iterdir()) == ["art.partial"]
-    monkeypatch.setattr(artifact, "save_file", real)
+    monkeypatch.setattr(artifact_write, "save_file", real)
     assert main(prune_args(tiny_model_dir, out)) == 0 and leftovers(out.parent) == []
 
 
@@ -270,9 +271,9 @@ def test_one_shot_run_early_failure_then_resume_without_overwrite(capsys, tiny_m
     rc, err = run_cli(capsys, *base, "--eval-seqlen", "0")
     assert rc == 2 and "Traceback" not in err and not out.exists(), "a failed one-shot run must not leave --out"
     # a crash while writing the artifact, after every layer was checkpointed
-    import armor_export.artifact as artifact
+    import armor_export.artifact_write as artifact_write
 
-    real = artifact.save_file
+    real = artifact_write.save_file
 
     def enospc(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -280,11 +281,11 @@ def test_one_shot_run_early_failure_then_resume_without_overwrite(capsys, tiny_m
     def base_fails(tensors, path, *a, **k):  # the checkpointed chunks are written, the base file is not
         return enospc() if str(path).endswith("base.safetensors") else real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(artifact, "save_file", base_fails)
+    monkeypatch.setattr(artifact_write, "save_file", base_fails)
     rc, err = run_cli(capsys, *base)
     assert_clear(rc, err, "No space left")
     assert json.loads((out / MARKER).read_text())["complete"] is False and (out / "artifact.partial").is_dir()
-    monkeypatch.setattr(artifact, "save_file", real)
+    monkeypatch.setattr(artifact_write, "save_file", real)
     rc, err = run_cli(capsys, *base)  # the same command, no --overwrite: resumes the incomplete run
     assert rc == 0, err
     assert json.loads((out / MARKER).read_text())["complete"] is True
@@ -338,10 +339,10 @@ def test_kill_9_during_the_solve_then_resume(capsys, tiny_model_dir, tiny_text_d
 
 def test_kill_9_during_the_artifact_write_then_resume(capsys, tiny_model_dir, tmp_path, monkeypatch):
     """A forked child (modules already imported: fast) SIGKILLs itself half-way through base.safetensors."""
-    import armor_export.artifact as artifact
+    import armor_export.artifact_write as artifact_write
 
     out = tmp_path / "art"
-    real = artifact.save_file
+    real = artifact_write.save_file
 
     def killed(t, path, metadata=None):
         if path.endswith("base.safetensors"):
@@ -355,7 +356,7 @@ def test_kill_9_during_the_artifact_write_then_resume(capsys, tiny_model_dir, tm
             import torch
 
             torch.set_num_threads(1)
-            monkeypatch.setattr(artifact, "save_file", killed)
+            monkeypatch.setattr(artifact_write, "save_file", killed)
             main(prune_args(tiny_model_dir, out))
         finally:
             os._exit(3)
@@ -372,20 +373,19 @@ def test_kill_9_during_the_artifact_write_then_resume(capsys, tiny_model_dir, tm
 
 def test_corrupt_resume_checkpoint_is_solved_again_alone(capsys, tiny_model_dir, tiny_text_dir, tmp_path,
                                                          monkeypatch):
-    import armor_export.pipeline as pipeline
     from armor_export.artifact import load_artifact
 
     calib = ["--calib-text", tiny_text_dir / "calib", "--calib-samples", "4", "--calib-seqlen", "32"]
     args = prune_args(tiny_model_dir, tmp_path / "art", *calib, method="nowag")
-    real = pipeline.finish_artifact
-    monkeypatch.setattr(pipeline, "finish_artifact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = writer.finish_artifact
+    monkeypatch.setattr(writer, "finish_artifact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main([str(x) for x in args]) == 130
     store = tmp_path / "art.partial"
     bad = "model.layers.1.self_attn.k_proj"
     chunk = next(json.loads(f.read_text()) for f in store.glob("model.*.json")
                  if bad in json.loads(f.read_text())["layers"])
     flip_byte(store / f"{chunk['first']}.safetensors", at=-5)
-    monkeypatch.setattr(pipeline, "finish_artifact", real)
+    monkeypatch.setattr(writer, "finish_artifact", real)
     capsys.readouterr()
     rc, err = run_cli(capsys, *args)
     assert rc == 0 and f"{chunk['first']}.safetensors" in err and bad in err and "again" in err, err

@@ -72,7 +72,8 @@ def test_fused_runtime_matches_the_unfused_form(fused_art):
 
 
 def test_edited_b_is_refused(fused_art, tmp_path):
-    from armor_export.artifact import read_layers, save_artifact
+    from armor_export.artifact import read_layers
+    from armor_export.artifact_write import save_artifact
 
     art = load_artifact(fused_art)
     layers = read_layers(art)  # in memory: the artifact's own mapping reads each layer afresh

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from armor_export import pipeline
+from armor_export import adapters, calibrate, pipeline, source
 from armor_export.artifact import load_artifact, read_manifest
 from armor_export.calibration import windows
 from armor_export.config import CalibConfig, EvalConfig
@@ -32,9 +32,9 @@ def test_nowag_artifact_equals_pruning_in_pytorch(tiny_model_dir, tiny_text_dir,
     assert man["calibration"]["windows"] == 6 and len(man["calibration"]["sha256"]) == 64
 
     # prune the same model in PyTorch directly, from the same statistics
-    loaded = pipeline.load(str(tiny_model_dir))
-    tokens = pipeline.calibration_windows(loaded.tokenizer, calib)
-    stats = pipeline.collect_stats(loaded, man["targets"], tokens, full=False, progress=False)
+    loaded = source.load(str(tiny_model_dir))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, calib)
+    stats = calibrate.collect_stats(loaded, man["targets"], tokens, full=False, progress=False)
     with torch.no_grad():
         for name in man["targets"]:
             lin = loaded.model.get_submodule(name)
@@ -50,10 +50,10 @@ def test_nowag_artifact_equals_pruning_in_pytorch(tiny_model_dir, tiny_text_dir,
 
 
 def test_sequential_mode_changes_only_later_blocks(tiny_model_dir, tiny_text_dir):
-    loaded = pipeline.load(str(tiny_model_dir))
-    tokens = pipeline.calibration_windows(loaded.tokenizer, _calib(tiny_text_dir))
-    names = [n for n in pipeline.target_names(loaded.family, 2)]
-    dense = pipeline.collect_stats(loaded, names, tokens, full=False, progress=False)
+    loaded = source.load(str(tiny_model_dir))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, _calib(tiny_text_dir))
+    names = [n for n in adapters.target_names(loaded.family, 2)]
+    dense = calibrate.collect_stats(loaded, names, tokens, full=False, progress=False)
     seen = {}
 
     def record(i, block, bstats):
@@ -91,7 +91,7 @@ def test_perplexity_of_uniform_model_is_vocab_size():
 
 
 def test_calibration_windows_are_deterministic_and_checked(tiny_model_dir, tiny_text_dir):
-    loaded = pipeline.load(str(tiny_model_dir))
+    loaded = source.load(str(tiny_model_dir))
     files = text_files(tiny_text_dir / "calib")
     a = windows(loaded.tokenizer, files, 5, 32, seed=3, what="calibration")
     b = windows(loaded.tokenizer, files, 5, 32, seed=3, what="calibration")
@@ -157,13 +157,13 @@ def test_cli_solver_flags_reach_the_manifest(tiny_model_dir, tiny_text_dir, tmp_
 @pytest.fixture
 def calib_calls(monkeypatch):
     """(full, hessian_block) of every calibration pass the test makes through the pipeline; the passes still run."""
-    seen, real = [], pipeline.collect_stats
+    seen, real = [], calibrate.collect_stats
 
     def spy(*a, **kw):
         seen.append((kw["full"], kw.get("hessian_block")))
         return real(*a, **kw)
 
-    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    monkeypatch.setattr(calibrate, "collect_stats", spy)
     return seen
 
 
@@ -183,11 +183,11 @@ def test_cli_block_hessian_objective_calibrates_blocks_only(tiny_model_dir, tiny
     man = load_artifact(out).manifest
     assert (man["solver_config"]["objective"], man["solver_config"]["hessian_damp"]) == ("block-hessian", 0.02)
     # the artifact's layer equals a solve from the full H of the same windows (blocks read off H)
-    loaded = pipeline.load(str(tiny_model_dir))
+    loaded = source.load(str(tiny_model_dir))
     calib = CalibConfig(text=str(tiny_text_dir / "calib"), samples=2, seqlen=16)
-    tokens = pipeline.calibration_windows(loaded.tokenizer, calib)
+    tokens = calibrate.calibration_windows(loaded.tokenizer, calib)
     name = man["targets"][0]
-    st = pipeline.collect_stats(loaded, [name], tokens, full=True, progress=False)[name]
+    st = calibrate.collect_stats(loaded, [name], tokens, full=True, progress=False)[name]
     cfg = SolverConfig.from_dict(man["solver_config"])
     r = solve("armor", [Problem(name, loaded.model.get_submodule(name).weight.detach().float(), st)], cfg)[0]
     assert man["layers"][name]["loss_final"] == pytest.approx(r.report.loss_final, rel=1e-3)
@@ -267,11 +267,11 @@ def test_ignored_linears_get_no_statistics(tiny_model_dir, tiny_text_dir, tmp_pa
             shutil.copy2(p, odd / p.name)
     widths, real = [], capture.accumulator
     monkeypatch.setattr(capture, "accumulator", lambda d_in, **kw: widths.append(d_in) or real(d_in, **kw))
-    loaded = pipeline.load(str(odd))
-    tokens = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"),
+    loaded = source.load(str(odd))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"),
                                                                         samples=2, seqlen=16))
-    names = pipeline.target_names(loaded.family, 2, ("*.mlp.*",))
-    st = pipeline.collect_stats(loaded, names, tokens, full=True, progress=False)
+    names = adapters.target_names(loaded.family, 2, ("*.mlp.*",))
+    st = calibrate.collect_stats(loaded, names, tokens, full=True, progress=False)
     assert sorted(st) == sorted(names) and widths == [64, 64] * 2  # q/k/v and o of both blocks, no MLP
     widths.clear()
     argv = ["prune", "--model", str(odd), "--block-size", "16", "--iterations", "2", "--objective", "block-hessian",

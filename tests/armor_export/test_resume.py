@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from armor_export import pipeline
+from armor_export import calibrate, pipeline, source, writer
 from armor_export.artifact import ArtifactError, LayerFactors, load_artifact
 from armor_export.config import CalibConfig
 from armor_export.fsutil import TMP_TAG
@@ -78,10 +78,10 @@ def test_resume_reuses_checkpoints_in_process(tiny_model_dir, tiny_text_dir, tmp
     assert not store_dir(ref).exists()
     # Pre-fill the store with two layers from the reference, as if an earlier run had been killed.
     out = tmp_path / "out"
-    loaded = pipeline.load(str(tiny_model_dir))
+    loaded = source.load(str(tiny_model_dir))
     names = json.loads((ref / "manifest.json").read_text())["targets"]
-    tokens = pipeline.calibration_windows(loaded.tokenizer, calib)
-    st = LayerStore(out, pipeline.run_settings(loaded, names, cfg, calib, tokens))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, calib)
+    st = LayerStore(out, writer.run_settings(loaded, names, cfg, calib, tokens))
     st.prepare()
     art = load_artifact(ref)
     for n in names[:2]:

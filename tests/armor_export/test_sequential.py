@@ -10,7 +10,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from armor_export import pipeline
+from armor_export import pipeline, source
 from armor_export.artifact import BASE_FILE, load_artifact
 from armor_export.cli import main
 from armor_export.config import CalibConfig
@@ -23,7 +23,7 @@ def _base_keys(art) -> set[str]:
 
 
 def test_sequential_prune_leaves_the_callers_model_dense(tiny_model_dir, tiny_text_dir, tmp_path):
-    loaded = pipeline.load(str(tiny_model_dir))
+    loaded = source.load(str(tiny_model_dir))
     dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     calib = CalibConfig(text=str(tiny_text_dir / "calib"), samples=2, seqlen=16, mode="sequential")
     art = pipeline.prune(str(tiny_model_dir), SolverConfig(method="nowag"), calib, tmp_path / "art",

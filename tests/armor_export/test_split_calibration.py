@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from armor_export import pipeline
 from armor_export.capture import block_inputs, block_stats
 from armor_export.config import CalibConfig
 from armor_export.shard import window_share
+from armor_export import calibrate, source
 from solver.config import SolverConfig
 from tests.armor_export.test_distributed import cli_env, prune_args
 
@@ -42,18 +42,18 @@ def test_window_share_is_whole_batches_disjoint_and_complete():
 
 
 def _calib(tiny_model_dir, tiny_text_dir, samples=8):
-    loaded = pipeline.load(str(tiny_model_dir))
-    names = pipeline.prunable(loaded, SolverConfig(method="nowag"))
-    tokens = pipeline.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"),
+    loaded = source.load(str(tiny_model_dir))
+    names = source.prunable(loaded, SolverConfig(method="nowag"))
+    tokens = calibrate.calibration_windows(loaded.tokenizer, CalibConfig(text=str(tiny_text_dir / "calib"),
                                                                         samples=samples, seqlen=32))
     return loaded, names, tokens
 
 
 def test_device_cpu_is_the_default_path_bit_for_bit(tiny_model_dir, tiny_text_dir):
     loaded, names, tokens = _calib(tiny_model_dir, tiny_text_dir)
-    ref = pipeline.collect_stats(loaded, names, tokens, full=True, progress=False)
+    ref = calibrate.collect_stats(loaded, names, tokens, full=True, progress=False)
     for device in ("cpu", torch.device("cpu")):
-        got = pipeline.collect_stats(loaded, names, tokens, full=True, progress=False, device=device)
+        got = calibrate.collect_stats(loaded, names, tokens, full=True, progress=False, device=device)
         assert sorted(got) == sorted(ref)
         for n in ref:
             assert torch.equal(got[n].h, ref[n].h) and torch.equal(got[n].H, ref[n].H), n
@@ -62,8 +62,8 @@ def test_device_cpu_is_the_default_path_bit_for_bit(tiny_model_dir, tiny_text_di
 
 def test_device_cpu_layer_by_layer_matches_the_full_load(tiny_model_dir, tiny_text_dir):
     _, names, tokens = _calib(tiny_model_dir, tiny_text_dir)
-    full = pipeline.collect_stats(pipeline.load(str(tiny_model_dir)), names, tokens, full=False, progress=False)
-    lazy = pipeline.collect_stats(pipeline.load(str(tiny_model_dir), layerwise=True), names, tokens, full=False,
+    full = calibrate.collect_stats(source.load(str(tiny_model_dir)), names, tokens, full=False, progress=False)
+    lazy = calibrate.collect_stats(source.load(str(tiny_model_dir), layerwise=True), names, tokens, full=False,
                                   progress=False, device="cpu")
     assert all(torch.equal(full[n].h, lazy[n].h) for n in names)
 
@@ -101,8 +101,8 @@ def test_two_rank_split_statistics_equal_one_process(tiny_model_dir, tiny_text_d
                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     loaded, names, tokens = _calib(tiny_model_dir, tiny_text_dir, samples=16)
-    one = pipeline.collect_stats(loaded, names, tokens, full=True, progress=False)
-    half = pipeline.collect_stats(loaded, names, dataclasses.replace(tokens, token_ids=tokens.token_ids[:8]),
+    one = calibrate.collect_stats(loaded, names, tokens, full=True, progress=False)
+    half = calibrate.collect_stats(loaded, names, dataclasses.replace(tokens, token_ids=tokens.token_ids[:8]),
                                   full=True, progress=False)
     for rank in (0, 1):
         got = load_file(str(out / f"rank{rank}.safetensors"))

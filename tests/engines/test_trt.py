@@ -164,8 +164,9 @@ def small_artifact(tiny_model_dir, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     from armor_export.adapters import FAMILIES, target_names
-    from armor_export.artifact import LayerFactors, save_artifact
-    from armor_export.pipeline import base_tensors
+    from armor_export.artifact import LayerFactors
+    from armor_export.artifact_write import save_artifact
+    from armor_export.source import base_tensors
     from solver.factors import Factorization
     from solver.sparsity import mask_24
 

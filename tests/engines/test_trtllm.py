@@ -35,8 +35,9 @@ def make_artifact(model_dir: Path, out: Path, *, neg_tiny: bool = False, fuse: b
     from transformers import AutoModelForCausalLM
 
     from armor_export.adapters import FAMILIES, FUSE_KINDS, fuse_groups, target_names
-    from armor_export.artifact import LayerFactors, save_artifact
-    from armor_export.pipeline import base_tensors
+    from armor_export.artifact import LayerFactors
+    from armor_export.artifact_write import save_artifact
+    from armor_export.source import base_tensors
     from solver.factors import Factorization
     from solver.fused import split_factorization
     from solver.sparsity import mask_24
