@@ -122,6 +122,17 @@ def test_s_check_maps_one_tensor_at_a_time(fp32_logits, monkeypatch):
     assert max(live) == 1, live  # before the release: 1, 2, ..., count
 
 
+def test_s_check_survives_a_view_held_elsewhere(fp32_logits, monkeypatch):
+    """A view of an S still referenced (here kept by a wrapper, in practice a profiler's frame) cannot be unmapped:
+    the check goes on and the map closes with the view."""
+    import engines.onnx_checks as oc
+
+    kept, real = [], oc.is_24
+    monkeypatch.setattr(oc, "is_24", lambda arr, axis: (kept.append(arr), real(arr, axis))[1])
+    rep = oc.check_s_initializers(fp32_logits / "model.onnx")
+    assert rep["passed"] and len(kept) == rep["count"]
+
+
 def test_negative_zero_is_normalised_and_checks_catch_bad_graphs(tmp_path):
     import onnx_ir as ir
     from onnx_ir import tape as ir_tape
