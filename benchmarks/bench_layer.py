@@ -186,6 +186,24 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fused_vs_parts(summary: list[dict]) -> list[dict]:
+    """Per fused group timed with all its members (``--layers qkv,q,k,v``): the group's ARMOR time against the sum
+    of the members' (one stacked A.S.B with one B vs three / two separate ones), same suite, M, dtype, backend."""
+    key = lambda s: (s["suite"], s["M"], s["dtype"], s["backend"])  # noqa: E731
+    by = {(key(s), s["layer"]): s for s in summary if "armor_ms" in s}
+    out = []
+    for (k, layer), s in by.items():
+        members = shapes.FUSED_MEMBERS.get(layer)
+        if not members or not all((k, m) in by for m in members):
+            continue
+        parts = sum(by[(k, m)]["armor_ms"] for m in members)
+        dense = sum(by[(k, m)]["dense_ms"] for m in members)
+        out.append({"suite": k[0], "group": layer, "M": k[1], "dtype": k[2], "backend": k[3],
+                    "fused_armor_ms": s["armor_ms"], "parts_armor_ms": parts, "parts_dense_ms": dense,
+                    "fused_over_parts": s["armor_ms"] / parts})
+    return out
+
+
 def run(cfg: LayerBenchConfig, *, progress=print) -> dict:
     rows = []
     for suite_name in cfg.suites:
@@ -199,7 +217,8 @@ def run(cfg: LayerBenchConfig, *, progress=print) -> dict:
             if progress:
                 progress(f"  done {suite_name}/{layer} ({d_in}->{d_out})")
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "env": timing.environment(cfg.device),
-            "config": asdict(cfg), "results": rows, "summary": summarise(rows)}
+            "config": asdict(cfg), "results": rows, "summary": (summary := summarise(rows)),
+            "fused": fused_vs_parts(summary)}
 
 
 def format_table(result: dict) -> str:
@@ -217,6 +236,10 @@ def format_table(result: dict) -> str:
             lines.append(f"{'':<22}{'':>12}{'':>6} {'':<5}{'+triton bd':<14}{'':>10}{'':>10}"
                          f"{s['armor_triton_ms']:>10.4f}{'':>8}{s['speedup_armor_triton']:>8.2f}"
                          f"{s['armor_triton_frac_of_24']:>10.2f}")
+    for f in result.get("fused", []):
+        lines.append(f"fused {f['suite']}/{f['group']} M={f['M']} {f['dtype']} {f['backend']}: one A.S.B "
+                     f"{f['fused_armor_ms']:.4f} ms vs members {f['parts_armor_ms']:.4f} ms "
+                     f"(x{f['fused_over_parts']:.2f}; members dense {f['parts_dense_ms']:.4f} ms)")
     bad = [r for r in result["results"] if r.get("correct") and not r["correct"]["passed"]]
     skipped = [r for r in result["results"] if r.get("skipped")]
     lines.append(f"correctness: {len(bad)} failed; {len(skipped)} variant(s) skipped by the backend")
@@ -240,7 +263,8 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default=None, help=f"comma list of {', '.join(shapes.SUITES)} "
                    "(default: smollm2-135m on CPU, all model suites on CUDA)")
-    p.add_argument("--layers", default=None, help="comma list of q,k,v,o,gate,up,down (default: all)")
+    p.add_argument("--layers", default=None, help="comma list of q,k,v,o,gate,up,down and the fused groups qkv,gate_up "
+                   "(default: the seven unfused; name a group with its members to time fused vs parts)")
     p.add_argument("--m", default=None, help="token counts (default 1,16,128,512,2048,4096)")
     p.add_argument("--dtype", default=None, help="default: fp32,bf16 on CPU; fp16,bf16 on CUDA")
     p.add_argument("--device", default="cuda" if cuda else "cpu")

@@ -7,6 +7,7 @@
 #   gpu_tests.txt                 the gpu-marked benchmark tests (semi-structured + Triton correctness)
 #   layer_llama3_fp16.{json,png}  the headline: Llama-3-8B shapes, fp16, every M, both 2:4 backends,
 #                                 ARMOR via ArmorLinear and via the Triton block-diagonal kernel
+#   layer_llama3_fused.json       fused q/k/v and gate/up (one A.S.B, one B) against their members, same shapes
 #   layer_all.{json,png}          every model suite (SmolLM2, Llama-2-7B, Llama-3-8B, Qwen2.5-7B/14B), fp16 + bf16
 #   e2e_fp16.{json,png}           prefill/decode tokens/s, dense vs ARMOR, PyTorch on CUDA (needs an artifact:
 #                                 ARTIFACT=dir, else one is pruned from the default model with --method magnitude
@@ -34,6 +35,9 @@ timeout 120 "$PY" -m pytest -q -m gpu tests/test_benchmarks_smoke.py > "$OUT/gpu
 tail -3 "$OUT/gpu_tests.txt"
 timeout 200 "$PY" -m benchmarks.bench_layer --device cuda --suite llama-3-8b --dtype fp16 --blockdiag "$BD" \
     --iters 50 --out "$OUT/layer_llama3_fp16.json" || rc=1
+timeout 120 "$PY" -m benchmarks.bench_layer --device cuda --suite llama-3-8b --dtype fp16 \
+    --layers qkv,q,k,v,gate_up,gate,up --iters 50 --plot none --out "$OUT/layer_llama3_fused.json" \
+    | grep -E "^fused|correctness" || rc=1
 timeout 300 "$PY" -m benchmarks.bench_layer --device cuda --dtype fp16,bf16 --blockdiag "$BD" \
     --iters 20 --out "$OUT/layer_all.json" > "$OUT/layer_all.txt" || rc=1
 tail -2 "$OUT/layer_all.txt"

@@ -25,6 +25,15 @@ class Suite:
         return [("q", h, h), ("k", h, kv), ("v", h, kv), ("o", h, h),
                 ("gate", h, i), ("up", h, i), ("down", i, h)]
 
+    def fused_layers(self) -> list[tuple[str, int, int]]:
+        """The fused groups (``--fuse qkv,gate_up``): one stacked layer over the members' shared input."""
+        h, i, kv = self.hidden, self.intermediate, self.kv
+        return [("qkv", h, h + 2 * kv), ("gate_up", h, 2 * i)]
+
+
+# fused group -> its members, in stacking order
+FUSED_MEMBERS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("tiny", 64, 96, 32, 16),  # smoke tests only
@@ -47,14 +56,16 @@ def get_suite(name: str) -> Suite:
 
 
 def select_layers(suite: Suite, names: str | None) -> list[tuple[str, int, int]]:
-    """The suite's layers, optionally filtered by a comma list such as 'gate,down'."""
+    """The suite's layers, optionally filtered by a comma list such as 'gate,down' (the fused groups 'qkv' and
+    'gate_up' only when named)."""
     rows = suite.layers()
     if not names:
         return rows
+    rows += suite.fused_layers()
     want = [n.strip() for n in names.split(",") if n.strip()]
     unknown = sorted(set(want) - {r[0] for r in rows})
     if unknown:
-        raise ValueError(f"unknown layer name(s) {unknown}; choose from q,k,v,o,gate,up,down")
+        raise ValueError(f"unknown layer name(s) {unknown}; choose from q,k,v,o,gate,up,down,qkv,gate_up")
     return [r for r in rows if r[0] in want]
 
 

@@ -47,6 +47,19 @@ def test_layer_smoke_schema_and_correctness(tmp_path):
     assert res["summary"] == on_disk["summary"]
 
 
+def test_layer_fused_group_against_its_members(tmp_path):
+    res = bench_layer.main(["--smoke", "--layers", "qkv,q,k,v", "--dtype", "fp32", "--out", str(tmp_path / "f.json"),
+                            "--plot", "none"])
+    qkv = [r for r in res["results"] if r["layer"] == "qkv"]
+    assert qkv and all(r["d_out"] == 64 + 2 * 32 and r["correct"]["passed"] for r in qkv)  # tiny: h 64, kv 32
+    assert {(f["group"], f["M"]) for f in res["fused"]} == {("qkv", 1), ("qkv", 8)}
+    for f in res["fused"]:
+        parts = sum(s["armor_ms"] for s in res["summary"] if s["M"] == f["M"] and s["layer"] in ("q", "k", "v"))
+        assert f["parts_armor_ms"] == pytest.approx(parts) and f["fused_over_parts"] > 0
+    assert bench_layer.main(["--smoke", "--layers", "qkv", "--dtype", "fp32", "--out", str(tmp_path / "g.json"),
+                             "--plot", "none"])["fused"] == []  # no members timed: nothing to compare
+
+
 def test_layer_check_catches_a_wrong_variant():
     S, A, B = bench_layer.make_factors(32, 16, 8, seed=0)
     x = torch.randn(4, 32)
