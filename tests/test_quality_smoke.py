@@ -43,7 +43,7 @@ def test_schema(smoke):
     assert main_methods == [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("nowag", None),
                             ("armor", None), ("armor", "quality")]
     quality = [r for r in on_disk["runs"] if r["preset"] == "quality"][0]
-    assert quality["objective"] == "block-hessian" and quality["refit"] == "output"
+    assert quality["objective"] == "diag" and quality["refit"] == "output" and quality["refit_shrink"] == 0.5
     assert quality["label"] == "ARMOR --preset quality"
     from solver.config import PRESETS
     # the run is the preset, every setting of it but those the flags give (--iterations; the smoke model's b);

@@ -212,8 +212,8 @@ def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model
     assert main(argv) == 0
     assert seen == [(True, None)]  # the refit reads the full H
     man = load_artifact(out).manifest
-    cfg = man["solver_config"]  # the quality preset: block-hessian + output refit, flags override it
-    assert (cfg["objective"], cfg["refit"], cfg["refit_rounds"], cfg["block_size"]) == ("block-hessian", "output", 2, 8)
+    cfg = man["solver_config"]  # the quality preset: the paper's proxy + output refit, flags override it
+    assert (cfg["objective"], cfg["refit"], cfg["refit_rounds"], cfg["block_size"]) == ("diag", "output", 2, 8)
     for name, layer in man["layers"].items():
         n = layer["notes"]
         assert layer["loss_final"] <= layer["loss_start"], name  # output losses, the guarantee kept
@@ -221,7 +221,7 @@ def test_cli_output_refit_calibrates_full_h_and_reports_output_losses(tiny_model
         assert n["refit"] == "output" and n["bcd_loss_final"] <= n["bcd_loss_start"], name
     from armor_export.report import _label, artifact_summary
 
-    assert _label(artifact_summary(man)) == "armor (block-hessian, output refit, shrink 0.25 to diag)"
+    assert _label(artifact_summary(man)) == "armor (output refit, shrink 0.5 to diag)"
     assert main(["report", "--artifact", str(out)]) == 0
 
 
@@ -232,8 +232,8 @@ def test_cli_refit_flag_overrides_the_preset():
     assert (parse("--preset", "quality", "--refit", "none").refit, parse("--preset", "quality").refit) == (
         "none", "output")
     assert (parse().refit, parse("--refit", "none").refit, parse("--preset", "cpu").refit) == ("output", "none", "none")
-    d = parse()  # the default preset: block-hessian BCD, then the refit shrunk toward diag H
-    assert (d.objective, d.refit_shrink, d.refit_shrink_to, d.iterations) == ("block-hessian", 0.25, "diag", 150)
+    d = parse()  # the default preset: the paper's proxy, then the refit shrunk half-way toward diag H
+    assert (d.objective, d.refit_shrink, d.refit_shrink_to, d.iterations) == ("diag", 0.5, "diag", 300)
     assert parse("--refit-shrink", "0", "--refit-shrink-to", "block").refit_shrink_to == "block"
     assert parse("--refit-shrink", "0").refit_shrink == 0.0
 
