@@ -40,21 +40,35 @@ class Check:
     detail: dict = field(default_factory=dict)
 
 
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+CHUNK = 1 << 22  # elements per step of the error statistics (fp64 temporaries of 32 MB, not of whole logits)
+
+
+def _chunks(ref: torch.Tensor, test: torch.Tensor, chunk: int):
+    """Matching fp64 pieces of the flattened ``ref`` and ``test``, ``chunk`` elements at a time."""
+    r, t = ref.reshape(-1), test.reshape(-1)
+    for i in range(0, r.numel(), chunk):
+        yield r[i:i + chunk].double(), t[i:i + chunk].double()
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor, chunk: int = CHUNK) -> float:
     """Signal-to-quantisation-noise ratio 10.log10(|ref|^2 / |ref - test|^2) in dB (inf when equal)."""
-    ref, test = ref.double(), test.double()
-    noise = (ref - test).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(max(signal, 1e-300) / noise)
+    return error_stats(ref, test, chunk)["sqnr_db"]
 
 
-def error_stats(ref: torch.Tensor, test: torch.Tensor) -> dict:
-    ref, test = ref.double(), test.double()
-    diff = (ref - test).abs()
-    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
-            "max_rel": (diff.max() / ref.abs().max().clamp_min(1e-30)).item(), "sqnr_db": sqnr_db(ref, test)}
+def error_stats(ref: torch.Tensor, test: torch.Tensor, chunk: int = CHUNK) -> dict:
+    """Max / mean absolute error, max error relative to max |ref|, and SQNR, accumulated in fp64 over chunks so
+    that comparing two [windows, T, vocab] logits holds one chunk of fp64 temporaries at a time."""
+    max_abs = sum_abs = noise = signal = 0.0
+    ref_max = 0.0
+    for r, t in _chunks(ref, test, chunk):
+        d = r - t
+        a = d.abs()
+        max_abs, sum_abs = max(max_abs, a.max().item()), sum_abs + a.sum().item()
+        noise, signal = noise + d.pow(2).sum().item(), signal + r.pow(2).sum().item()
+        ref_max = max(ref_max, r.abs().max().item())
+    n = max(ref.numel(), 1)
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return {"max_abs": max_abs, "mean_abs": sum_abs / n, "max_rel": max_abs / max(ref_max, 1e-30), "sqnr_db": sqnr}
 
 
 def compare(ref: torch.Tensor, test: torch.Tensor) -> dict:
@@ -65,9 +79,10 @@ def compare(ref: torch.Tensor, test: torch.Tensor) -> dict:
 
 
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
-                                            ids[:, 1:].reshape(-1))
-    return math.exp(nll.item())
+    """Token perplexity of ``ids`` [windows, T] under ``logits`` [windows, T, vocab], in fp64 one window at a time."""
+    total = sum(torch.nn.functional.cross_entropy(lg[:-1].double(), row[1:], reduction="sum").item()
+                for lg, row in zip(logits, ids))
+    return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
 def default_tokens(vocab: int, seqlen: int, windows: int = 2, seed: int = 0) -> torch.Tensor:

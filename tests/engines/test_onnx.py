@@ -254,3 +254,26 @@ def test_smollm2_fp32_and_fp16_parity(smol_armor, tmp_path):
         assert st["sqnr_db"] >= floor, (dtype, st)
         if dtype == "fp32":
             assert (ref.argmax(-1) == out.argmax(-1)).float().mean() >= 0.99, st
+
+
+def test_error_statistics_in_chunks_equal_the_whole_tensor_formulas():
+    """verify compares [windows, T, vocab] logits; the statistics run over fp64 chunks (not fp64 copies of both
+    tensors) and must equal the one-shot formulas."""
+    import math
+
+    from engines.parity import error_stats, perplexity
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 17, 101, generator=g)
+    test = ref + 1e-3 * torch.randn(3, 17, 101, generator=g)
+    ids = torch.randint(0, 101, (3, 17), generator=g)
+    r, t = ref.double(), test.double()
+    d = (r - t).abs()
+    want = {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "max_rel": (d.max() / r.abs().max()).item(),
+            "sqnr_db": 10 * math.log10(r.pow(2).sum().item() / (r - t).pow(2).sum().item())}
+    for chunk in (7, 1000, 1 << 22):  # pieces that split windows and rows, and one piece
+        got = error_stats(ref, test, chunk)
+        assert got == pytest.approx(want, rel=1e-12), chunk
+    assert error_stats(ref, ref, 7)["sqnr_db"] == math.inf
+    nll = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, 101).double(), ids[:, 1:].reshape(-1))
+    assert perplexity(ref, ids) == pytest.approx(math.exp(nll.item()), rel=1e-12)
