@@ -22,6 +22,7 @@ import torch
 
 from armor_export.adapters import UnsupportedFeature, family_for, model_facts
 from engines import hf_checkpoint as hfc
+from engines import hf_checkpoint_checks as hfck
 from engines.base import ExportConfig
 from engines.parity import TOLERANCES, Check, compare, model_logits, parity_tokens, write_report
 
@@ -96,12 +97,12 @@ class TrtllmLowering:
         engine_dir = Path(engine_dir)
         art = load_artifact(artifact_dir)
         checks: list[Check] = []
-        problems = hfc.schema_problems(engine_dir, art)
+        problems = hfck.schema_problems(engine_dir, art)
         checks.append(Check("checkpoint schema (config keys, tensor names, shapes, dtypes)", len(problems),
                             "0 problems", not problems, {"problems": problems[:50]}))
         ck = hfc.read_config(engine_dir)
         s_names = [f"{n}.S" for n in ck["armor"]["layers"]]
-        sb = hfc.checkpoint_s_report(engine_dir, s_names)
+        sb = hfck.checkpoint_s_report(engine_dir, s_names)
         not24 = [n for n, r in sb.items() if not r["is_24"]]
         negz = sum(r["negative_zeros"] or 0 for r in sb.values())
         checks.append(Check("every S is 2:4 along d_in in the written bytes", f"{len(s_names) - len(not24)}/"

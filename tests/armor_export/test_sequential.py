@@ -57,6 +57,6 @@ def test_one_shot_sequential_artifact_evaluates_and_exports(tiny_model_dir, tiny
     assert ppl == {k: v["perplexity"] for k, v in summary["pruned"].items()}
     assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--dtype", "fp32", "--out",
                  str(tmp_path / "ck")]) == 0
-    from engines.hf_checkpoint import schema_problems
+    from engines.hf_checkpoint_checks import schema_problems
 
     assert schema_problems(tmp_path / "ck", a) == []

@@ -256,6 +256,7 @@ def test_trtllm_checkpoint_loads_back_or_is_refused(built, family, variant, tmp_
     from armor_export.adapters import UnsupportedFeature, model_facts
     from armor_export.artifact import load_artifact
     from engines import hf_checkpoint as hfc
+    from engines import hf_checkpoint_checks as hfck
     from engines.parity import compare
     from engines.trtllm import REFUSED, TRTLLM_FAMILIES, TrtllmLowering, artifact_logits
     from engines.trtllm_linear import projection_plan
@@ -265,7 +266,7 @@ def test_trtllm_checkpoint_loads_back_or_is_refused(built, family, variant, tmp_
     groups = load_artifact(art).groups
     assert bool(groups) == (variant == "fused" and family != "phi3")
     ck = hfc.write_checkpoint(art, tmp_path / "ck", dtype="fp32")
-    assert hfc.schema_problems(ck, load_artifact(art)) == []
+    assert hfck.schema_problems(ck, load_artifact(art)) == []
     armor = hfc.read_config(ck)["armor"]
     assert armor["format_version"] == (3 if groups else 2) and set(armor.get("groups", {})) == set(groups)
     got, _ = hfc.checkpoint_logits(ck, toks)

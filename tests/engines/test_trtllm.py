@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from engines import hf_checkpoint as hfc
+from engines import hf_checkpoint_checks as hfck
 from engines.base import ExportConfig
 
 B = 8
@@ -93,7 +94,7 @@ def test_checkpoint_config_schema(ckpt, artifact):
     assert len(armor["layers"]) == 14 and "unfused" in armor["fusion"]
     for f in ("tokenizer.json", "tokenizer_config.json", hfc.WEIGHTS_INDEX, hfc.shard_file(1, 1)):
         assert (ckpt / f).is_file()
-    assert hfc.schema_problems(ckpt, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
+    assert hfck.schema_problems(ckpt, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -140,7 +141,7 @@ def test_checkpoint_tensor_names_shapes_dtypes(ckpt):
 
 def test_every_s_is_24_in_written_bytes(ckpt):
     names = [k for k in hfc.read_headers(ckpt) if k.endswith(".S")]
-    rep = hfc.checkpoint_s_report(ckpt, names)
+    rep = hfck.checkpoint_s_report(ckpt, names)
     assert all(r["is_24"] for r in rep.values())
     assert all(r["negative_zeros"] == 0 for r in rep.values())
     assert all(r["zero_fraction"] >= 0.5 for r in rep.values())
@@ -149,7 +150,7 @@ def test_every_s_is_24_in_written_bytes(ckpt):
 def test_bytes_check_catches_dense_and_negative_zero(tmp_path):
     S = torch.tensor([[1.0, 2.0, 3.0, 0.0], [-0.0, 1.0, 0.0, 2.0]], dtype=torch.float16)
     save_file({"x.S": S, "y.S": torch.tensor([[-0.0, 1.0, 0.0, 2.0]], dtype=torch.bfloat16)}, str(tmp_path / "w.st"))
-    rep = hfc.s_bytes_report(tmp_path / "w.st", ["x.S", "y.S", "z.S"])
+    rep = hfck.s_bytes_report(tmp_path / "w.st", ["x.S", "y.S", "z.S"])
     assert not rep["x.S"]["is_24"] and rep["x.S"]["negative_zeros"] == 1
     assert rep["y.S"]["is_24"] and rep["y.S"]["negative_zeros"] == 1
     assert not rep["z.S"]["present"]
@@ -158,7 +159,7 @@ def test_bytes_check_catches_dense_and_negative_zero(tmp_path):
 def test_underflow_to_negative_zero_is_normalised(tiny_model_dir, tmp_path):
     art = make_artifact(tiny_model_dir, tmp_path / "art", neg_tiny=True)
     out = hfc.write_checkpoint(art, tmp_path / "ck", dtype="fp16")
-    rep = hfc.checkpoint_s_report(out, [f"model.layers.{i}.self_attn.q_proj.S" for i in range(2)])
+    rep = hfck.checkpoint_s_report(out, [f"model.layers.{i}.self_attn.q_proj.S" for i in range(2)])
     assert all(r["negative_zeros"] == 0 and r["is_24"] for r in rep.values())
 
 
@@ -183,18 +184,18 @@ def test_sharded_checkpoint_equals_one_file(artifact, tmp_path):
     ref = load_file(str(one / hfc.shard_file(1, 1)))
     assert sorted(seen) == sorted(ref) and all(torch.equal(seen[k], ref[k]) for k in ref)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ref.values())
-    assert hfc.schema_problems(many, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
+    assert hfck.schema_problems(many, __import__("armor_export.artifact").artifact.load_artifact(artifact)) == []
     tokens = torch.randint(0, 300, (1, 12))
     assert torch.equal(hfc.checkpoint_logits(many, tokens)[0], hfc.checkpoint_logits(one, tokens)[0])
     names = [k for k in seen if k.endswith(".S")]
-    assert all(r["is_24"] and r["negative_zeros"] == 0 for r in hfc.checkpoint_s_report(many, names).values())
+    assert all(r["is_24"] and r["negative_zeros"] == 0 for r in hfck.checkpoint_s_report(many, names).values())
 
 
 def test_missing_shard_is_named(artifact, tmp_path):
     many = hfc.write_checkpoint(artifact, tmp_path / "many", dtype="fp32", max_shard_bytes=64 * 1024)
     gone = sorted(many.glob("model-*-of-*.safetensors"))[1]
     gone.unlink()
-    problems = hfc.schema_problems(many)
+    problems = hfck.schema_problems(many)
     assert len(problems) == 1 and str(gone) in problems[0] and "incomplete" in problems[0]
     with pytest.raises(hfc.CheckpointError, match=gone.name):
         hfc.load_checkpoint_model(many)
@@ -214,7 +215,7 @@ def test_version_1_checkpoint_is_still_read(artifact, tmp_path):
     (old / "config.json").write_text(json.dumps(cfg))
     assert sorted(load_file(str(old / hfc.WEIGHTS))) == sorted(hfc.read_headers(new))
     save_file(load_file(str(old / hfc.WEIGHTS)), str(old / hfc.WEIGHTS))
-    assert hfc.schema_problems(old) == []
+    assert hfck.schema_problems(old) == []
     tokens = torch.randint(0, 300, (1, 12))
     assert torch.equal(hfc.checkpoint_logits(old, tokens)[0], hfc.checkpoint_logits(new, tokens)[0])
 
@@ -301,10 +302,10 @@ def test_fused_checkpoint_stores_each_group_once(fused_ckpt, fused_artifact):
         assert torch.equal(tensors[f"{g}.B"], fs[0].B_blocks.half())
         assert not any(k.startswith(f"{m}.") for m in members for k in tensors)
     assert sum(k.endswith(".B") for k in tensors) == 8  # 4 per layer (was 7: B repeated per member)
-    rep = hfc.checkpoint_s_report(fused_ckpt, [f"{n}.S" for n in armor["layers"]])
+    rep = hfck.checkpoint_s_report(fused_ckpt, [f"{n}.S" for n in armor["layers"]])
     assert rep[f"{qkv}.S"]["shape"] == [128, 64] and rep[f"{gate_up}.S"]["shape"] == [192, 64]
     assert all(r["is_24"] and r["negative_zeros"] == 0 for r in rep.values()) and len(rep) == 8
-    assert hfc.schema_problems(fused_ckpt, art) == []
+    assert hfck.schema_problems(fused_ckpt, art) == []
 
 
 def test_fused_checkpoint_logits_match_the_fused_runtime(fused_artifact, fused_ckpt, tmp_path):
@@ -335,7 +336,7 @@ def test_fused_schema_problems_are_named(fused_ckpt, tmp_path):
         cfg = json.loads((d / "config.json").read_text())
         change(cfg["armor"])
         (d / "config.json").write_text(json.dumps(cfg))
-        return hfc.schema_problems(d)
+        return hfck.schema_problems(d)
 
     g = "model.layers.1.self_attn.qkv_proj"
     assert edited("v2", lambda a: a.update(format_version=2)) == [
@@ -375,4 +376,4 @@ def test_cli_trtllm_end_to_end_default_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((out / "trtllm" / "parity.json").read_text())
     assert doc["passed"]
-    assert hfc.schema_problems(out / "trtllm") == []
+    assert hfck.schema_problems(out / "trtllm") == []
