@@ -5,7 +5,7 @@
 checks (each also usable alone):
   * ``layer_check``: per lowered linear, SQNR of its ONNX output (``{fqn}.out``, fetched as an extra graph
     output of a probe copy of the model) against the PyTorch ArmorLinear output on the same tokens;
-  * ``engine_logits`` + ``engines.parity.logits_checks``: end-to-end logits (SQNR, max rel, top-1,
+  * ``engine_windows`` + ``engines.parity.logits_checks``: end-to-end logits (SQNR, max rel, top-1,
     perplexity) on ``cfg.parity_tokens`` (tokenised by the caller) or seeded random ids longer than every
     sliding window of the model;
   * ``greedy_check``: greedy tokens, PyTorch ``generate`` vs the KV-cache graph in ORT and through
@@ -26,8 +26,8 @@ from armor_export.adapters import model_facts, token_ids
 from engines.base import ExportConfig
 from engines.onnx_checks import polygraphy_sparsity, s_check
 from engines.onnx_export import armor_linears, read_config, read_meta
-from engines.parity import TOLERANCES, Check, error_stats, logits_checks, model_logits, parity_tokens, versions, \
-    write_report
+from engines.parity import TOLERANCES, Check, error_stats, logits_checks, model_logits, parity_tokens, \
+    versions, write_report
 from engines.runners import OrtRunner, generate_genai, greedy_kv, logits_feeds
 
 ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # TensorProto elem types
@@ -67,8 +67,11 @@ def feeds_for(runner: OrtRunner, ids: torch.Tensor) -> dict:
     return feeds
 
 
-def engine_logits(runner: OrtRunner, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.cat([_to_torch(runner.run(feeds_for(runner, w[None]))["logits"]) for w in tokens])
+def engine_windows(runner: OrtRunner, tokens: torch.Tensor):
+    """The engine's logits [1, T, vocab] of each window in turn (``logits_checks`` consumes them one by one)."""
+    for w in tokens:
+        yield _to_torch(runner.run(feeds_for(runner, w[None]))["logits"])
+
 
 
 def layer_probe(folder: Path, names: list[str], dtype: str, feeds: dict) -> dict[str, np.ndarray]:
@@ -191,10 +194,9 @@ def verify_onnx(artifact_dir: Path, engine_dir: Path, cfg: ExportConfig = Export
         why = f"ONNX Runtime cannot run this {dtype} graph here: {str(e).splitlines()[0][:200]}"
         checks.append(Check("numerical parity", f"skipped: {why}", "n/a", True))
     if runner is not None:
-        got_logits, probe_feeds = engine_logits(runner, tokens), feeds_for(runner, probe_ids)
+        end_to_end = logits_checks(ref_logits, engine_windows(runner, tokens), tokens, tol)
+        probe_feeds = feeds_for(runner, probe_ids)
         del runner
-        end_to_end = logits_checks(ref_logits, got_logits, tokens, tol)
-        del got_logits
         if not dense:  # dense exports are compared with the artifact only end to end
             c, layer_sqnr = layer_check(ref_layers, names, main_dir, probe_feeds, dtype, tol)
             checks.append(c)

@@ -40,7 +40,7 @@ class Check:
     detail: dict = field(default_factory=dict)
 
 
-CHUNK = 1 << 22  # elements per step of the error statistics (fp64 temporaries of 32 MB, not of whole logits)
+CHUNK = 1 << 20  # elements per step of the error statistics (fp64 temporaries of 8 MB, not of whole logits)
 
 
 def _chunks(ref: torch.Tensor, test: torch.Tensor, chunk: int):
@@ -55,20 +55,35 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor, chunk: int = CHUNK) -> float:
     return error_stats(ref, test, chunk)["sqnr_db"]
 
 
+class ErrorSums:
+    """Running fp64 sums of the error statistics, fed piece by piece (``add``) and read by ``stats``: the same
+    numbers as over the whole tensors, whatever the pieces (up to the order of fp64 sums)."""
+
+    def __init__(self):
+        self.max_abs = self.sum_abs = self.noise = self.signal = self.ref_max = 0.0
+        self.n = 0
+
+    def add(self, ref: torch.Tensor, test: torch.Tensor, chunk: int = CHUNK) -> None:
+        for r, t in _chunks(ref, test, chunk):
+            d = r - t
+            a = d.abs()
+            self.max_abs, self.sum_abs = max(self.max_abs, a.max().item()), self.sum_abs + a.sum().item()
+            self.noise, self.signal = self.noise + d.pow(2).sum().item(), self.signal + r.pow(2).sum().item()
+            self.ref_max = max(self.ref_max, r.abs().max().item())
+        self.n += ref.numel()
+
+    def stats(self) -> dict:
+        sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+        return {"max_abs": self.max_abs, "mean_abs": self.sum_abs / max(self.n, 1),
+                "max_rel": self.max_abs / max(self.ref_max, 1e-30), "sqnr_db": sqnr}
+
+
 def error_stats(ref: torch.Tensor, test: torch.Tensor, chunk: int = CHUNK) -> dict:
     """Max / mean absolute error, max error relative to max |ref|, and SQNR, accumulated in fp64 over chunks so
     that comparing two [windows, T, vocab] logits holds one chunk of fp64 temporaries at a time."""
-    max_abs = sum_abs = noise = signal = 0.0
-    ref_max = 0.0
-    for r, t in _chunks(ref, test, chunk):
-        d = r - t
-        a = d.abs()
-        max_abs, sum_abs = max(max_abs, a.max().item()), sum_abs + a.sum().item()
-        noise, signal = noise + d.pow(2).sum().item(), signal + r.pow(2).sum().item()
-        ref_max = max(ref_max, r.abs().max().item())
-    n = max(ref.numel(), 1)
-    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-    return {"max_abs": max_abs, "mean_abs": sum_abs / n, "max_rel": max_abs / max(ref_max, 1e-30), "sqnr_db": sqnr}
+    acc = ErrorSums()
+    acc.add(ref, test, chunk)
+    return acc.stats()
 
 
 def compare(ref: torch.Tensor, test: torch.Tensor) -> dict:
@@ -78,10 +93,17 @@ def compare(ref: torch.Tensor, test: torch.Tensor) -> dict:
     return st
 
 
+def window_nll(logits: torch.Tensor, row: torch.Tensor, rows: int = 64) -> float:
+    """Summed next-token negative log-likelihood of one window (logits [T, vocab], row [T]), in fp64, ``rows``
+    positions at a time (fp64 temporaries of rows x vocab, not of the whole window)."""
+    lg, tgt = logits[:-1], row[1:]
+    return sum(torch.nn.functional.cross_entropy(lg[i:i + rows].double(), tgt[i:i + rows], reduction="sum").item()
+               for i in range(0, lg.shape[0], rows))
+
+
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Token perplexity of ``ids`` [windows, T] under ``logits`` [windows, T, vocab], in fp64 one window at a time."""
-    total = sum(torch.nn.functional.cross_entropy(lg[:-1].double(), row[1:], reduction="sum").item()
-                for lg, row in zip(logits, ids))
+    total = sum(window_nll(lg, row) for lg, row in zip(logits, ids))
     return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
@@ -102,11 +124,25 @@ def parity_tokens(cfg_tokens, facts, seqlen: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def stack_windows(window_logits, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 CPU logits [windows, T, vocab] of ``window_logits(ids [1, T]) -> [1, T, vocab]``, one window at a
+    time, written into one preallocated tensor: the peak is the result plus one window (a list of windows
+    concatenated at the end would hold the result twice)."""
+    out = None
+    for i, t in enumerate(tokens):
+        w = window_logits(t[None])
+        if out is None:
+            out = torch.empty((tokens.shape[0], *w.shape[1:]), dtype=torch.float32)
+        out[i] = w[0]
+        del w
+    return out
+
+
 def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """fp32 CPU logits of an HF-style model, one window at a time."""
     dev = next(model.parameters()).device
-    return torch.cat([model(input_ids=t[None].to(dev), attention_mask=torch.ones_like(t[None]).to(dev))
-                      .logits.float().cpu() for t in tokens])
+    return stack_windows(lambda ids: model(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev))
+                         .logits.float().cpu(), tokens)
 
 
 def versions(packages=("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai",
@@ -120,11 +156,24 @@ def versions(packages=("torch", "transformers", "onnx", "onnxruntime", "onnxrunt
     return out
 
 
-def logits_checks(ref: torch.Tensor, got: torch.Tensor, ids: torch.Tensor, tol: dict, what: str = "") -> list[Check]:
+def logits_checks(ref: torch.Tensor, got, ids: torch.Tensor, tol: dict, what: str = "") -> list[Check]:
     """Logits SQNR, max relative error, top-1 agreement and perplexity difference of ``got`` vs ``ref``
-    (both [windows, T, vocab], fp32) against one row of ``TOLERANCES``."""
-    st = compare(ref, got)
-    p_ref, p_got = perplexity(ref, ids), perplexity(got, ids)
+    (fp32 [windows, T, vocab]) against one row of ``TOLERANCES``. ``got`` is a tensor of the same shape or an
+    iterable of its windows ([T, vocab] or [1, T, vocab]), consumed one at a time, so an engine's logits need
+    never be held whole beside the reference's."""
+    err, agree, nll_ref, nll_got = ErrorSums(), 0, 0.0, 0.0
+    windows = 0
+    for r, g, row in zip(ref, got, ids):
+        g = g.reshape(r.shape)
+        err.add(r, g)
+        agree += int((r.argmax(-1) == g.argmax(-1)).sum().item())
+        nll_ref, nll_got = nll_ref + window_nll(r, row), nll_got + window_nll(g, row)
+        windows += 1
+    if windows != ref.shape[0]:
+        raise ValueError(f"{windows} engine windows for {ref.shape[0]} reference windows")
+    st = {**err.stats(), "top1_agreement": agree / max(ref.shape[0] * ref.shape[1], 1)}
+    n_tok = ids.shape[0] * (ids.shape[1] - 1)
+    p_ref, p_got = math.exp(nll_ref / n_tok), math.exp(nll_got / n_tok)
     rel = abs(p_got - p_ref) / p_ref
     pre = f"{what}: " if what else ""
     return [

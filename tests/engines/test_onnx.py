@@ -277,3 +277,50 @@ def test_error_statistics_in_chunks_equal_the_whole_tensor_formulas():
     assert error_stats(ref, ref, 7)["sqnr_db"] == math.inf
     nll = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, 101).double(), ids[:, 1:].reshape(-1))
     assert perplexity(ref, ids) == pytest.approx(math.exp(nll.item()), rel=1e-12)
+
+
+def test_window_logits_fill_one_preallocated_tensor():
+    """verify's logits (PyTorch and ORT) are written window by window into one tensor: equal to the
+    concatenation, one call per window, and no window kept alive after it is copied."""
+    import weakref
+
+    from engines.parity import stack_windows
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 7, generator=g)
+    tokens = torch.randint(0, 50, (4, 9), generator=g)
+    seen, alive = [], []
+
+    def window(ids):
+        assert ids.shape == (1, 9)
+        out = table[ids].clone()
+        seen.append(ids.clone())
+        alive.append(weakref.ref(out))
+        return out
+
+    got = stack_windows(window, tokens)
+    assert torch.equal(got, table[tokens]) and got.dtype == torch.float32
+    assert [s[0].tolist() for s in seen] == tokens.tolist()
+    assert all(r() is None for r in alive)
+
+
+def test_logits_checks_of_windows_one_by_one_equal_the_whole_tensors():
+    """verify feeds the engine's logits window by window (never whole beside the reference): the checks equal
+    those of the whole tensors, and a missing window is an error, not a shorter comparison."""
+    from engines.parity import TOLERANCES, compare, logits_checks, perplexity
+
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(3, 11, 37, generator=g)
+    got = ref + 0.05 * torch.randn(3, 11, 37, generator=g)
+    ids = torch.randint(0, 37, (3, 11), generator=g)
+    whole = logits_checks(ref, got, ids, TOLERANCES["fp16"])
+    streamed = logits_checks(ref, (w[None] for w in got), ids, TOLERANCES["fp16"])
+    st = compare(ref, got)
+    assert whole[0].value == pytest.approx(st["sqnr_db"], rel=1e-12)
+    assert whole[2].value == pytest.approx(st["top1_agreement"], rel=1e-12)
+    p_ref, p_got = perplexity(ref, ids), perplexity(got, ids)
+    assert whole[3].value == pytest.approx(abs(p_got - p_ref) / p_ref, rel=1e-9)
+    for a, b in zip(whole, streamed):
+        assert (a.name, a.passed) == (b.name, b.passed) and a.value == pytest.approx(b.value, rel=1e-12)
+    with pytest.raises(ValueError, match="2 engine windows for 3"):
+        logits_checks(ref, iter(got[:2]), ids, TOLERANCES["fp16"])
