@@ -201,3 +201,21 @@ def test_onnx_speed_times_several_artifacts(tiny_artifact, tmp_path):
         assert res[f"{k}_prefill_cpu_ms"] > 0 and res[f"{k}_decode_cpu_ms"] > 0 and res[f"{k}_bytes"] > 0
     assert res["ab_bytes"] > res["plain_bytes"]  # the A/B blocks are in the graph
     assert "ab_prefill_cpu_overhead_pct" in res and "dense_prefill_cpu_overhead_pct" not in res
+
+
+def test_onnx_layouts_compute_the_same_function(tmp_path):
+    """benchmarks.onnx_layouts: every layout of the block products is the exporter's function (fp32 sums in
+    another order only), timed and written to the JSON; an unknown layout is a usage error."""
+    from benchmarks import onnx_layouts
+
+    out = tmp_path / "layouts.json"
+    assert onnx_layouts.main(["--linears", "2", "--tokens", "3,5", "--reps", "1,1", "--rounds", "1",
+                              "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for row in res["runs"].values():
+        assert set(row) == set(onnx_layouts.LAYOUTS) and all(r["ms"] > 0 for r in row.values())
+        for lay in ("bcast", "einsum", "fmajor"):
+            assert row[lay]["max_abs_diff_vs_armor"] < 1e-4, (lay, row[lay])
+    with pytest.raises(SystemExit) as e:
+        onnx_layouts.main(["--layouts", "dense,conv"])
+    assert e.value.code == 2
