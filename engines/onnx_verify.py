@@ -73,7 +73,6 @@ def engine_windows(runner: OrtRunner, tokens: torch.Tensor):
         yield _to_torch(runner.run(feeds_for(runner, w[None]))["logits"])
 
 
-
 def layer_probe(folder: Path, names: list[str], dtype: str, feeds: dict) -> dict[str, np.ndarray]:
     """Run a copy of the model that also outputs ``{fqn}.out`` for every name (same weights file)."""
     import onnx
