@@ -24,7 +24,7 @@ B = 8
 # except the owner marker, as written before fused groups were lowered (commit b7c5069): a checkpoint without fused
 # groups must stay byte-identical (format version 2). A deliberate change of the format updates these.
 UNFUSED_CKPT_DIGESTS = {
-    "config.json": "64cc6250f48068bb", "files.sha256": "1a3d16f1b89e109f", "generation_config.json": "92a5c418526e535f",
+    "config.json": "7aa2a241e5c752a9", "files.sha256": "1a3d16f1b89e109f", "generation_config.json": "30096f1b74816779",
     "model-00001-of-00001.safetensors": "2b0766b6aa84f3a6", "model.safetensors.index.json": "55264c9d83c8d0ff",
     "tokenizer.json": "fb9e7a3a628a4efe", "tokenizer_config.json": "a32c88a67297bb9c"}
 
@@ -100,7 +100,8 @@ def test_checkpoint_config_schema(ckpt, artifact):
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 (16 hex digits) of every file but the owner marker. A safetensors file is hashed as its header (sorted
     JSON: the order of its metadata keys varies from run to run) and its data bytes; ``files.sha256`` as the file
-    names it lists (its hashes follow the shard bytes)."""
+    names it lists (its hashes follow the shard bytes); the two configs without the ``transformers_version`` that
+    transformers stamps into them."""
     import hashlib
     import struct
 
@@ -113,6 +114,9 @@ def file_digests(folder: Path) -> dict[str, str]:
             return json.dumps(json.loads(raw[8:8 + n]), sort_keys=True).encode() + raw[8 + n:]
         if p.name == "files.sha256":
             return "\n".join(sorted(line.split()[-1] for line in raw.decode().splitlines())).encode()
+        if p.name in ("config.json", "generation_config.json"):  # transformers writes its own version in them
+            doc = {k: v for k, v in json.loads(raw).items() if k != "transformers_version"}
+            return json.dumps(doc, sort_keys=True).encode()
         return raw
 
     return {p.name: hashlib.sha256(canonical(p)).hexdigest()[:16] for p in sorted(folder.iterdir())
