@@ -56,6 +56,8 @@ from solver.methods import stats_needed
 from solver.objective import proxy_loss
 from solver.stats import repair_h
 
+DEFAULT_REFIT_ROUNDS = SolverConfig.refit_rounds  # runs recorded before the rounds were a benchmark setting
+
 SCHEMA = "armor-export/quality/v1"
 LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "nowag": "NoWag-P", "armor": "ARMOR"}
 
@@ -141,7 +143,8 @@ class Bench:
                 r.get("mask_only", False), r.get("lr", 1e-4) if armor else None,
                 r.get("sparse_rounds", 1) if armor else None, r.get("objective", "diag") if armor else None,
                 r.get("refit", "none") if armor else None,
-                shrink_key(r.get("refit"), r.get("refit_shrink"), r.get("refit_shrink_to")))
+                shrink_key(r.get("refit"), r.get("refit_shrink"), r.get("refit_shrink_to")),
+                r.get("refit_rounds", DEFAULT_REFIT_ROUNDS) if armor and r.get("refit", "none") != "none" else None)
 
     def load_previous(self, path: Path, methods: list[str]) -> None:
         """Seed the cache with runs of ``methods`` from an earlier JSON made on the very same token windows."""
@@ -203,12 +206,13 @@ class Bench:
         refits = method == "armor" and refit != "none"  # the shrinkage exists only for ARMOR's refit
         shrink = (self.args.refit_shrink if shrink is None else shrink) if refits else 0.0
         shrink_to = self.args.refit_shrink_to if shrink_to is None else shrink_to
+        refit_rounds = self.args.refit_rounds if refits else None
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
                damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,
                rounds if method == "armor" else None, objective if method == "armor" else None,
                refit if method == "armor" else None,
-               shrink_key(refit, shrink, shrink_to))
+               shrink_key(refit, shrink, shrink_to), refit_rounds)
         if key in self.cache:
             return {**self.cache[key], "reused": True}
         if self.args.reuse_only:  # assembling earlier results: a missing run is reported, not computed
@@ -219,7 +223,8 @@ class Bench:
         cfg = solver_settings(preset or "cpu", method=method, block_size=b, iterations=it, lr=lr, sparse_rounds=rounds,
                               objective=objective if method == "armor" else "diag",
                               refit=refit if method == "armor" else "none",
-                              refit_shrink=shrink, refit_shrink_to=shrink_to, sparsegpt_damp=damp)
+                              refit_shrink=shrink, refit_shrink_to=shrink_to, sparsegpt_damp=damp,
+                              refit_rounds=refit_rounds or DEFAULT_REFIT_ROUNDS)
         stats = self.get_stats(stats_needed(cfg) in ("full", "blocks")) if mode == "dense" else None
         t0 = time.perf_counter()  # solve time excludes the shared one-pass calibration
         if mode == "dense":
@@ -240,12 +245,15 @@ class Bench:
                  + (" mask-only" if mask_only else "") + ("" if cfg.objective == "diag" else f" {cfg.objective}")
                  + ("" if cfg.refit == "none" else f" {cfg.refit}-refit")
                  + (f" shrink {cfg.refit_shrink:g} to {cfg.refit_shrink_to}"
-                    if cfg.refit != "none" and cfg.refit_shrink else ""))
+                    if cfg.refit != "none" and cfg.refit_shrink else "")
+                 + (f" {cfg.refit_rounds} refit rounds"
+                    if cfg.refit != "none" and cfg.refit_rounds != DEFAULT_REFIT_ROUNDS else ""))
         r = {"method": method, "label": label, "calibration": mode,
              "block_size": b if method == "armor" else None, "iterations": it if method == "armor" else None,
              "lr": lr if method == "armor" else None, "sparse_rounds": rounds if method == "armor" else None,
              "objective": objective if method == "armor" else None, "refit": refit if method == "armor" else None,
              "refit_shrink": shrink if refits else None, "refit_shrink_to": shrink_to if refits and shrink else None,
+             "refit_rounds": refit_rounds,
              "preset": preset, "perplexity": ppl, "perplexities": ppls, **layer_summary(method, layers, self.loaded.model, stats),
              "sparsegpt_damp": cfg.sparsegpt_damp if method == "sparsegpt" else None, "mask_only": mask_only,
              "solve_seconds": solve_s, "eval_seconds": eval_s, "solver_commit": SOLVER_COMMIT, "reused": False}

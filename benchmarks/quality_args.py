@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ARMOR's output refit after the BCD (needs full H; solver/refit.py)")
     p.add_argument("--refit-shrink", type=float, default=SolverConfig.refit_shrink,
                    help="the refit's Hessian shrinkage lambda (armor:PRESET takes the preset's)")
+    p.add_argument("--refit-rounds", type=int, default=SolverConfig.refit_rounds,
+                   help="rounds of the output refit (values, output wrapper, input wrapper)")
     p.add_argument("--refit-shrink-to", default=SolverConfig.refit_shrink_to, choices=SHRINK_TARGETS)
     p.add_argument("--lr-sweep", default=None, help="learning-rate sweep (default: 1e-4,1e-3,D with D the default)")
     p.add_argument("--rounds-sweep", default=None, help="sparse-rounds sweep (default: 1,D with D the default)")

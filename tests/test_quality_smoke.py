@@ -124,9 +124,10 @@ def test_smoke_output_refit_run_records_its_refit(tmp_path):
 
     res = main(["--smoke", "--quiet", "--out", str(tmp_path / "q.json"), "--only", "main", "--main-methods",
                 "armor", "--iterations", "6", "--eval-windows", "2", "--objective", "block-hessian",
-                "--refit", "output"])
+                "--refit", "output", "--refit-rounds", "2"])
     arm = res["runs"][0]
-    assert arm["refit"] == "output" and arm["label"] == "ARMOR block-hessian output-refit"
+    assert arm["refit"] == "output" and arm["label"] == "ARMOR block-hessian output-refit 2 refit rounds"
+    assert arm["refit_rounds"] == 2 and res["runs"][0]["reused"] is False
     assert 0 < arm["mean_loss"] <= arm["mean_loss_start"]  # output losses: the refit keeps the guarantee
     assert _finite(arm["perplexity"]) and res["calibration"]["stats"] == "full H"
 
