@@ -17,7 +17,9 @@ the calibration windows, the one to ood the overfitting to their domain.
 ``ppl`` refits every linear with each variant on the whole calibration H (fit + ho) and scores the model on every
 evaluation corpus (token perplexity, 32 x 512 windows, fp32). A variant is ``key=value,...`` over
 ``shrink`` (lambda of H_lambda = (1 - lambda) H + lambda blockdiag_b(H)), ``damp`` (relative to mean diag H),
-``rounds``; several variants are separated by ``;``.
+``rounds``, ``viters`` / ``witers`` (the refit's value / input-wrapper CG steps per round); several variants are
+separated by ``;``. ``--start bcd:PRESET`` starts from the BCD of a preset (its objective, iterations, step and
+sparse rounds, no refit), ``--start bcd:PRESET:ROUNDS`` with that many sparse-core rounds per iteration.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def parse_variants(spec: str) -> list[dict]:
     """'shrink=0.5,damp=0.01;shrink=0' -> [{...}, {...}] with every key filled in."""
     out = []
     for v in filter(None, (x.strip() for x in spec.split(";"))):
-        d = {"shrink": 0.0, "damp": 0.01, "rounds": 6, "to": "block"}
+        d = {"shrink": 0.0, "damp": 0.01, "rounds": 6, "to": "block", "viters": 10, "witers": 5}
         for kv in v.split(","):
             k, _, val = kv.partition("=")
             if k not in d:
@@ -105,7 +107,8 @@ def nowag_masks(loaded, names: list[str], st: dict) -> dict:
 def refit_variant(W, A, S, B, H, v: dict, b: int, name: str):
     from solver.refit import refit, shrunk
     Hs = shrunk(H, v["shrink"], b if v["to"] == "block" else 1)
-    return refit(W, A, S, B, Hs, rounds=v["rounds"], damp=v["damp"], name=name)
+    return refit(W, A, S, B, Hs, rounds=v["rounds"], damp=v["damp"], name=name, value_iters=v["viters"],
+                 wrapper_iters=v["witers"])
 
 
 def cmd_layers(a) -> None:
@@ -155,8 +158,9 @@ def score(loaded, layers: dict | None, evals: dict) -> dict:
 
 
 def start_factors(loaded, names, st, start: str, cache: Path, b: int) -> dict:
-    """name -> (A, S, B): NoWag-P's mask with A = B = I ('nowag'), or ARMOR's block-hessian BCD at N
-    iterations without refit ('armor:N', cached in the stats folder)."""
+    """name -> (A, S, B): NoWag-P's mask with A = B = I ('nowag'), ARMOR's block-hessian BCD at N
+    iterations without refit ('armor:N'), or a preset's BCD without its refit ('bcd:PRESET', 'bcd:PRESET:ROUNDS');
+    the BCD results are cached in the stats folder."""
     from solver.blockdiag import identity_blocks
     from solver.config import PRESETS, SolverConfig
     from solver.stats import LayerStats
@@ -168,15 +172,27 @@ def start_factors(loaded, names, st, start: str, cache: Path, b: int) -> dict:
             out[n] = (identity_blocks(W.shape[0] // b, b), torch.where(masks[n] != 0, W, torch.zeros(())),
                       identity_blocks(W.shape[1] // b, b))
         return out
-    iters = int(start.split(":")[1])
-    path = cache / f"armor_bh_{iters}.pt"
+    kind, _, rest = start.partition(":")
+    if kind == "bcd":
+        preset, _, rounds = rest.partition(":")
+        if preset not in PRESETS:
+            raise SystemExit(f"--start {start}: unknown preset {preset!r} (known: {sorted(PRESETS)})")
+        over = {"sparse_rounds": int(rounds)} if rounds else {}
+        cfg = SolverConfig(**{**PRESETS[preset], **over, "refit": "none", "refit_shrink": 0.0, "block_size": b})
+        path = cache / f"bcd_{preset}_{cfg.objective}_{cfg.iterations}_r{cfg.sparse_rounds}_b{b}.pt"
+    elif kind == "armor":
+        iters = int(rest)
+        cfg = SolverConfig(**{**PRESETS["cpu"], "objective": "block-hessian", "iterations": iters, "block_size": b})
+        path = cache / f"armor_bh_{iters}.pt"
+    else:
+        raise SystemExit(f"--start {start}: expected nowag, armor:N or bcd:PRESET[:ROUNDS]")
     if path.exists():
         return torch.load(path, weights_only=True)
     stats = {n: LayerStats(st[n]["h"], st[n]["n"], st[n]["H"]) for n in names}
-    cfg = SolverConfig(**{**PRESETS["cpu"], "objective": "block-hessian", "iterations": iters, "block_size": b})
     t0 = time.perf_counter()
     layers = solving.solve_dense(loaded, names, stats, cfg)
-    log(f"ARMOR block-hessian BCD, {iters} iterations: {time.perf_counter() - t0:.0f} s")
+    log(f"ARMOR BCD ({cfg.objective}, {cfg.iterations} iterations, {cfg.sparse_rounds} rounds): "
+        f"{time.perf_counter() - t0:.0f} s")
     out = {n: (lf.factors.A_blocks, lf.factors.S, lf.factors.B_blocks) for n, lf in layers.items()}
     torch.save(out, path)
     return out
@@ -236,7 +252,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="shrink=0", help="refit variants, 'key=value,...;...' (see above)")
     p.add_argument("--evals", default="shakespeare,tech,prose", help="ppl: registered corpora to score on")
     p.add_argument("--eval-windows", type=int, default=None, help="ppl: windows per corpus (default: the run's)")
-    p.add_argument("--start", default="nowag", help="ppl: 'nowag' or 'armor:ITERATIONS' (block-hessian BCD)")
+    p.add_argument("--start", default="nowag",
+                   help="ppl: 'nowag', 'armor:ITERATIONS' (block-hessian BCD) or 'bcd:PRESET[:ROUNDS]'")
     p.add_argument("--no-refit", action="store_true", help="ppl: also score the start factors")
     p.add_argument("--dense", action="store_true", help="ppl: also score the dense model")
     p.add_argument("--out", default="results/gen_ppl.json")
