@@ -17,7 +17,8 @@ the calibration windows, the one to ood the overfitting to their domain.
 ``ppl`` refits every linear with each variant on the whole calibration H (fit + ho) and scores the model on every
 evaluation corpus (token perplexity, 32 x 512 windows, fp32). A variant is ``key=value,...`` over
 ``shrink`` (lambda of H_lambda = (1 - lambda) H + lambda blockdiag_b(H)), ``damp`` (relative to mean diag H),
-``rounds``, ``viters`` / ``witers`` (the refit's value / input-wrapper CG steps per round); several variants are
+``rounds``, ``PROJ.shrink`` (lambda for the linears named PROJ, e.g. ``down_proj.shrink=0.5``; ``shrink`` for the
+rest), ``viters`` / ``witers`` (the refit's value / input-wrapper CG steps per round); several variants are
 separated by ``;``. ``--start bcd:PRESET`` starts from the BCD of a preset (its objective, iterations, step and
 sparse rounds, no refit), ``--start bcd:PRESET:ROUNDS`` with that many sparse-core rounds per iteration.
 """
@@ -76,6 +77,9 @@ def parse_variants(spec: str) -> list[dict]:
         d = {"shrink": 0.0, "damp": 0.01, "rounds": 6, "to": "block", "viters": 10, "witers": 5}
         for kv in v.split(","):
             k, _, val = kv.partition("=")
+            if k.endswith(".shrink") and k.count(".") == 1:  # per projection: down_proj.shrink=0.5
+                d[k] = float(val)
+                continue
             if k not in d:
                 raise SystemExit(f"variant {v!r}: unknown key {k!r} (known: {sorted(d)})")
             d[k] = val if k == "to" else type(d[k])(val)
@@ -106,7 +110,8 @@ def nowag_masks(loaded, names: list[str], st: dict) -> dict:
 
 def refit_variant(W, A, S, B, H, v: dict, b: int, name: str):
     from solver.refit import refit, shrunk
-    Hs = shrunk(H, v["shrink"], b if v["to"] == "block" else 1)
+    lam = v.get(f"{name.rsplit('.', 1)[-1]}.shrink", v["shrink"])
+    Hs = shrunk(H, lam, b if v["to"] == "block" else 1)
     return refit(W, A, S, B, Hs, rounds=v["rounds"], damp=v["damp"], name=name, value_iters=v["viters"],
                  wrapper_iters=v["witers"])
 
@@ -134,13 +139,20 @@ def cmd_layers(a) -> None:
             Wh = product(A, S, B)
             for k in sets:
                 losses[k].append(output_loss(W, Wh, sets[k][n]["H"]))
+        proj = [n.rsplit(".", 1)[-1] for n in names]
+        per = {p: {k: sum(x for x, q in zip(losses[k], proj) if q == p) / proj.count(p) for k in sets}
+               for p in dict.fromkeys(proj)}
         r = {"variant": v or "nowag-p (no refit)", "seconds": round(time.perf_counter() - t0, 1),
-             **{k: sum(x) / len(x) for k, x in losses.items()}}
+             **{k: sum(x) / len(x) for k, x in losses.items()}, "per_projection": per}
         rows.append(r)
         log(json.dumps(r))
     print("| variant | fit | held-out (same domain) | ood | s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['fit']:.5f} | {r['ho']:.5f} | {r['ood']:.5f} | {r['seconds']} |")
+    print("\n| variant | projection | fit | held-out | ood |\n|---|---|---|---|---|")
+    for r in rows:
+        for p, x in r["per_projection"].items():
+            print(f"| {r['variant']} | {p} | {x['fit']:.5f} | {x['ho']:.5f} | {x['ood']:.5f} |")
 
 
 def parse_evals(spec: str, windows: int | None = None) -> dict:

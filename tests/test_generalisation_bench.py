@@ -14,6 +14,7 @@ def test_variants_fill_defaults_and_reject_unknown_keys():
         {"shrink": 0.0, "damp": 0.3, "rounds": 6, "to": "block", "viters": 10, "witers": 5}]
     assert parse_variants("rounds=3,viters=5,witers=2")[0] | {"shrink": 0.0} == {
         "shrink": 0.0, "damp": 0.01, "rounds": 3, "to": "block", "viters": 5, "witers": 2}
+    assert parse_variants("shrink=0,down_proj.shrink=0.5")[0]["down_proj.shrink"] == 0.5
     with pytest.raises(SystemExit, match="unknown key 'lam'"):
         parse_variants("lam=0.5")
 
