@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from armor_export.fsutil import HASHES, MARKER, folder_files, sha256_file
+from armor_export.hashes import HASHES, MARKER, folder_files, sha256_file
 from armor_export.manifest import DIGEST, FORMAT, FORMAT_VERSION, ArtifactError, check_digest, check_version, validate
 from solver.factors import Factorization
 from solver.sparsity import unpack_24

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from armor_export.artifact import (BASE_FILE, DIGEST, FACTORS_INDEX, FORMAT, FORMAT_VERSION, MANIFEST, OWN_FILES,
                                    ArtifactError, LayerFactors, copy_model_files, shard_name, tensor_keys)
-from armor_export.fsutil import atomic_dir, folder_files, sha256_file
+from armor_export.fsutil import atomic_dir
+from armor_export.hashes import folder_files, sha256_file
 from armor_export.manifest import digest_line
 from solver.sparsity import pack_24
 

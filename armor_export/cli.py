@@ -330,7 +330,7 @@ def cmd_export(a) -> int:
 def cmd_verify(a) -> int:
     from armor_export.artifact import check_artifact
     from armor_export.config import check_positions, model_config
-    from armor_export.fsutil import verify_hashes
+    from armor_export.hashes import verify_hashes
     from engines import check_available, get_lowering
     from engines.base import ExportConfig
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from armor_export.artifact import WEIGHT_SUFFIXES, ArtifactError, LayerFactors, LazyLayers, tensor_keys
 from armor_export.artifact_write import write_shard
-from armor_export.fsutil import MARKER, OutputError, atomic_write_file, read_marker, remove_tree, sha256_file, \
-    write_marker
+from armor_export.fsutil import OutputError, atomic_write_file, read_marker, remove_tree, write_marker
+from armor_export.hashes import MARKER, sha256_file
 
 STORE_VERSION = 2  # 1: one dense-S file per layer
 SUFFIX = ".partial"

@@ -24,7 +24,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from armor_export.cli import main
-from armor_export.fsutil import HASHES, MARKER, TMP_TAG, lock_path
+from armor_export.fsutil import TMP_TAG, lock_path
+from armor_export.hashes import HASHES, MARKER
 from armor_export.manifest import DIGEST, LAYER, TOP
 from armor_export import writer
 

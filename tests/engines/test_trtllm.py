@@ -105,7 +105,7 @@ def file_digests(folder: Path) -> dict[str, str]:
     import hashlib
     import struct
 
-    from armor_export.fsutil import MARKER
+    from armor_export.hashes import MARKER
 
     def canonical(p: Path) -> bytes:
         raw = p.read_bytes()
