@@ -1,5 +1,6 @@
-"""Fault injection on the output side and the integrity chain (issue 16): every case exits 2 with one
-line naming the culprit, prints no traceback, and leaves no partial output and no damaged input.
+"""Fault injection on the output side (issue 16): every case exits 2 with one line naming the culprit, prints no
+traceback, and leaves no partial output and no damaged input. The integrity chain's cases are in
+test_faults_integrity.py.
 
 Tiny random model, method magnitude (no calibration) unless a case needs statistics, so the file
 runs in a few seconds. Filesystem faults use real mounts (a full / read-only tmpfs) where the test
@@ -7,8 +8,6 @@ runs as root, and a monkeypatched write (ENOSPC) everywhere."""
 from __future__ import annotations
 
 import errno
-import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -21,92 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from armor_export.cli import main
 from armor_export.fsutil import TMP_TAG, lock_path
-from armor_export.hashes import HASHES, MARKER
-from armor_export.manifest import DIGEST, LAYER, TOP
+from armor_export.hashes import MARKER
 from armor_export import writer
+from tests.armor_export.fault_helpers import (  # noqa: F401 (art is a fixture)
+    art, assert_clear, copy_art, flip_byte, leftovers, prune_args, run_cli, tree_digest)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    return rc, capsys.readouterr().err
-
-
-def assert_clear(rc: int, err: str, *names) -> None:
-    assert rc == 2, err
-    assert "Traceback" not in err and "armor-export: error:" in err, err
-    for n in names:
-        assert str(n) in err, f"{n!r} not named in: {err}"
-
-
-def prune_args(model, out, *extra, method="magnitude"):
-    return [str(a) for a in ("prune", "--model", model, "--method", method, "--out", out, *extra)]
-
-
-def tree_digest(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-def leftovers(parent: Path) -> list[str]:
-    """Temporaries, locks and empty checkpoint stores that a finished command must not leave."""
-    return sorted(p.name for p in Path(parent).iterdir()
-                  if TMP_TAG in p.name or p.name.endswith(".lock") or p.name.endswith(".partial"))
-
-
-@pytest.fixture(scope="module")
-def art(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "art"
-    assert main(prune_args(tiny_model_dir, out)) == 0
-    return out
-
-
-def copy_art(art: Path, dst: Path) -> Path:
-    shutil.copytree(art, dst)
-    return dst
-
-
-def rewrite_manifest(path: Path, edit) -> None:
-    """Edit manifest.json and keep its digest consistent (a well-formed digest of a malformed manifest)."""
-    man = json.loads((path / "manifest.json").read_text())
-    edit(man)
-    data = (json.dumps(man, indent=2) + "\n").encode()
-    (path / "manifest.json").write_bytes(data)
-    (path / DIGEST).write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
-
-
-def rehash(path: Path, name: str) -> None:
-    digest = hashlib.sha256((path / name).read_bytes()).hexdigest()
-    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, digest))
-
-
-def to_version_2(path: Path) -> Path:
-    """Rewrite a version-3 artifact as version 2 wrote it (all factors in one factors.safetensors)."""
-    index = json.loads((path / "factors.index.json").read_text())["weight_map"]
-    tensors = {}
-    for shard in sorted(set(index.values())):
-        tensors.update(load_file(str(path / shard)))
-        (path / shard).unlink()
-    (path / "factors.index.json").unlink()
-    save_file(tensors, str(path / "factors.safetensors"))
-
-    def v2(m):
-        m["format_version"] = 2
-        m["files"] = {k: v for k, v in m["files"].items() if k not in index.values() and k != "factors.index.json"}
-        m["files"]["factors.safetensors"] = hashlib.sha256((path / "factors.safetensors").read_bytes()).hexdigest()
-    rewrite_manifest(path, v2)
-    return path
-
-
-def flip_byte(f: Path, at: int = -2) -> None:
-    data = bytearray(f.read_bytes())
-    data[at] ^= 0x01
-    f.write_bytes(bytes(data))
 
 
 # ---------------------------------------------------------------- owned outputs and --overwrite
@@ -397,182 +319,3 @@ def test_corrupt_resume_checkpoint_is_solved_again_alone(capsys, tiny_model_dir,
     a, b = load_artifact(tmp_path / "art"), load_artifact(ref)
     assert all(a.layers[n].factors.S.equal(b.layers[n].factors.S) for n in man["targets"])
     assert leftovers(tmp_path) == []
-
-
-# ---------------------------------------------------------------- the artifact's integrity chain
-
-WRONG = {str: 123, int: "x", bool: "yes", dict: [], list: {}}
-
-
-def _wrong(types):
-    ts = types if isinstance(types, tuple) else (types,)
-    if dict in ts:
-        return 5
-    return next(WRONG[t] for t in (str, list, bool, int) if t in ts) if not set(ts) & {int, float} else "x"
-
-
-@pytest.mark.parametrize("field", sorted(TOP))
-def test_every_top_level_manifest_field_removed_or_retyped(capsys, art, tmp_path, field):
-    types, required = TOP[field]
-    a = copy_art(art, tmp_path / "a")
-    rewrite_manifest(a, lambda m: m.pop(field))
-    rc, err = run_cli(capsys, "report", "--artifact", a)
-    if required:
-        assert_clear(rc, err, f"'{field}'", "manifest.json")
-    else:
-        assert rc == 0 and "Traceback" not in err  # provenance only: the artifact stays readable
-    b = copy_art(art, tmp_path / "b")
-    rewrite_manifest(b, lambda m: m.__setitem__(field, _wrong(types)))
-    rc, err = run_cli(capsys, "report", "--artifact", b)
-    assert_clear(rc, err, "manifest.json", "format" if field in ("format",) else field)
-
-
-@pytest.mark.parametrize("field", sorted(LAYER))
-def test_every_layer_field_removed_or_retyped(capsys, art, tmp_path, field):
-    types, required = LAYER[field]
-    name = json.loads((art / "manifest.json").read_text())["targets"][0]
-    a = copy_art(art, tmp_path / "a")
-    rewrite_manifest(a, lambda m: m["layers"][name].pop(field, None))
-    rc, err = run_cli(capsys, "report", "--artifact", a)
-    if required:
-        assert_clear(rc, err, f"layers.{name}.{field}", "manifest.json")
-    else:
-        assert rc == 0 and "Traceback" not in err
-    b = copy_art(art, tmp_path / "b")
-    rewrite_manifest(b, lambda m: m["layers"][name].__setitem__(field, _wrong(types)))
-    rc, err = run_cli(capsys, "report", "--artifact", b)
-    assert_clear(rc, err, f"layers.{name}.{field}", "manifest.json")
-
-
-def test_schema_declares_every_field_the_pipeline_writes(art):
-    man = json.loads((art / "manifest.json").read_text())
-    assert set(man) <= set(TOP), f"declare new manifest fields in armor_export/manifest.py TOP: {set(man) - set(TOP)}"
-    for entry in man["layers"].values():
-        assert set(entry) <= set(LAYER), f"declare new layer fields in armor_export/manifest.py LAYER"
-
-
-def test_missing_files_section_and_missing_entries(capsys, art, tmp_path):
-    a = copy_art(art, tmp_path / "a")
-    rewrite_manifest(a, lambda m: m.pop("files"))
-    assert_clear(*run_cli(capsys, "report", "--artifact", a), "'files'")
-    b = copy_art(art, tmp_path / "b")
-    rewrite_manifest(b, lambda m: m["files"].pop("config.json"))
-    assert_clear(*run_cli(capsys, "eval", "--artifact", b), "'files'", "config.json")
-
-
-@pytest.mark.parametrize("victim", ["config.json", "tokenizer.json", "base.safetensors", "factors.index.json",
-                                    "factors-00001-of-"])
-def test_flipped_byte_in_any_artifact_file(capsys, art, tmp_path, victim):
-    a = copy_art(art, tmp_path / "a")
-    victim = next(p.name for p in a.iterdir() if p.name.startswith(victim))
-    flip_byte(a / victim, at=len((a / victim).read_bytes()) // 2)
-    rc, err = run_cli(capsys, "export", "--artifact", a, "--engine", "trtllm", "--out", tmp_path / "e")
-    assert_clear(rc, err, a / victim, "sha256")
-    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
-
-
-def test_added_file_and_digest_mismatch(capsys, art, tmp_path):
-    a = copy_art(art, tmp_path / "a")
-    (a / "tokenizer.model").write_bytes(b"another tokenizer")
-    assert_clear(*run_cli(capsys, "eval", "--artifact", a), a / "tokenizer.model", "not listed")
-    b = copy_art(art, tmp_path / "b")
-    man = json.loads((b / "manifest.json").read_text())
-    man["method"] = "armor"  # an edit that leaves the JSON valid
-    (b / "manifest.json").write_text(json.dumps(man, indent=2))
-    assert_clear(*run_cli(capsys, "report", "--artifact", b), b / "manifest.json", DIGEST)
-    (b / DIGEST).unlink()
-    assert_clear(*run_cli(capsys, "report", "--artifact", b), b / DIGEST, "missing")
-
-
-def test_format_version_as_string(capsys, art, tmp_path):
-    a = copy_art(art, tmp_path / "a")
-    from armor_export.manifest import FORMAT_VERSION
-
-    rewrite_manifest(a, lambda m: m.__setitem__("format_version", "2"))
-    rc, err = run_cli(capsys, "report", "--artifact", a)
-    assert_clear(rc, err, "'format_version'", "string '2'", f"integer {FORMAT_VERSION}")
-
-
-def test_version_1_artifact_is_still_read(capsys, art, tmp_path):
-    from armor_export.artifact import load_artifact
-
-    a = to_version_2(copy_art(art, tmp_path / "a"))
-    assert set(load_artifact(a).layers) == set(json.loads((a / "manifest.json").read_text())["targets"])
-    (a / DIGEST).unlink()
-
-    def v1(m):
-        m["format_version"] = 1
-        m["files"] = {k: v for k, v in m["files"].items() if k.endswith(".safetensors")}
-    man = json.loads((a / "manifest.json").read_text())
-    v1(man)
-    (a / "manifest.json").write_text(json.dumps(man))
-    assert set(load_artifact(a).layers) == set(man["targets"])
-    assert "format version 1" in capsys.readouterr().err
-
-
-def test_edited_shape_and_corrupt_s_meta_name_layer_and_file(capsys, art, tmp_path):
-    from armor_export.artifact import shard_of
-
-    name = json.loads((art / "manifest.json").read_text())["targets"][0]
-    shard = shard_of(art, name)
-    a = copy_art(art, tmp_path / "a")
-    rewrite_manifest(a, lambda m: m["layers"][name].__setitem__("shape", [m["layers"][name]["shape"][0], 128]))
-    assert_clear(*run_cli(capsys, "eval", "--artifact", a), name, shard)
-    b = copy_art(art, tmp_path / "b")
-    t = load_file(str(b / shard))
-    t[f"{name}.S_meta"][0, 0] = 0xFF  # kept positions (3, 3): not a valid 2:4 code
-    save_file(t, str(b / shard))
-    rehash(b, shard)
-    assert_clear(*run_cli(capsys, "eval", "--artifact", b), name, shard, "S_meta")
-
-
-def test_layer_removed_from_the_manifest_is_blamed_correctly(capsys, art, tmp_path):
-    name = json.loads((art / "manifest.json").read_text())["targets"][0]
-    a = copy_art(art, tmp_path / "a")
-    rewrite_manifest(a, lambda m: m["layers"].pop(name))
-    assert_clear(*run_cli(capsys, "eval", "--artifact", a), name, "'targets'", "'layers'")
-
-    def drop(m):
-        m["layers"].pop(name)
-        m["targets"].remove(name)
-    b = copy_art(art, tmp_path / "b")
-    rewrite_manifest(b, drop)
-    rc, err = run_cli(capsys, "eval", "--artifact", b)
-    assert_clear(rc, err, name, "factors-0000", "no entry in the manifest")
-    assert "base.safetensors" not in err
-
-
-# ---------------------------------------------------------------- engine folders
-
-def test_engine_folder_hashes_are_checked_first(capsys, art, tmp_path):
-    eng = tmp_path / "trtllm"
-    assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--out", str(eng)]) == 0
-    listed = (eng / HASHES).read_text()
-    shard = eng / "model-00001-of-00001.safetensors"
-    assert shard.name in listed and "model.safetensors.index.json" in listed and "config.json" in listed
-    assert (eng / MARKER).is_file()
-    flip_byte(shard, at=len(shard.read_bytes()) // 2)
-    rc, err = run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng)
-    assert_clear(rc, err, shard, HASHES)
-    assert not (eng / "parity.json").exists(), "no parity report for a folder that failed its hash check"
-    shutil.rmtree(eng)
-    assert main(["export", "--artifact", str(art), "--engine", "trtllm", "--out", str(eng)]) == 0
-    (eng / "extra.py").write_text("print('hi')")
-    assert_clear(*run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng),
-                 eng / "extra.py", "not listed")
-    (eng / "extra.py").unlink()
-    (eng / HASHES).unlink()
-    assert_clear(*run_cli(capsys, "verify", "--artifact", art, "--engine", "trtllm", "--engine-dir", eng),
-                 eng / HASHES, "missing")
-
-
-@pytest.mark.slow  # two fp16 ONNX exports (~13 s on 2 cores)
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
-def test_tensorrt_hint_gives_a_command_that_is_not_refused(capsys, art, tmp_path):
-    out = tmp_path / "trt"
-    rc, err = run_cli(capsys, "export", "--artifact", art, "--engine", "tensorrt", "--out", out)
-    assert_clear(rc, err, "TensorRT is not installed", f"--out {out} --overwrite")
-    assert "rerun this command" not in err and (out / HASHES).is_file()
-    rc, err = run_cli(capsys, "export", "--artifact", art, "--engine", "tensorrt", "--out", out, "--overwrite")
-    assert_clear(rc, err, "TensorRT is not installed")  # the hint's command runs; only TensorRT is missing
-    assert "already exists" not in err and leftovers(tmp_path) == []
