@@ -195,7 +195,7 @@ class Bench:
             iterations: int | None = None, damp: float | None = None, mask_only: bool = False,
             lr: float | None = None, rounds: int | None = None, objective: str | None = None,
             refit: str | None = None, shrink: float | None = None, shrink_to: str | None = None,
-            preset: str | None = None) -> dict:
+            refit_rounds: int | None = None, preset: str | None = None) -> dict:
         """One pruning run, scored; ``damp``/``mask_only`` give SparseGPT as ModelOpt runs it (see --modelopt)."""
         b = self.b if block_size is None else block_size
         it = self.iters if iterations is None else iterations
@@ -206,7 +206,7 @@ class Bench:
         refits = method == "armor" and refit != "none"  # the shrinkage exists only for ARMOR's refit
         shrink = (self.args.refit_shrink if shrink is None else shrink) if refits else 0.0
         shrink_to = self.args.refit_shrink_to if shrink_to is None else shrink_to
-        refit_rounds = self.args.refit_rounds if refits else None
+        refit_rounds = (self.args.refit_rounds if refit_rounds is None else refit_rounds) if refits else None
         damp = SolverConfig.sparsegpt_damp if (method == "sparsegpt" and damp is None) else damp
         key = (method, mode, b if method == "armor" else None, it if method == "armor" else None,
                damp if method == "sparsegpt" else None, mask_only, lr if method == "armor" else None,

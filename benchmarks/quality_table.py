@@ -7,7 +7,7 @@ from solver.config import PRESETS
 
 RUN_KEYWORDS = {"block_size": "block_size", "iterations": "iterations", "lr": "lr", "sparse_rounds": "rounds",
                 "objective": "objective", "refit": "refit", "refit_shrink": "shrink",
-                "refit_shrink_to": "shrink_to"}  # preset key -> Bench.run keyword (every key of every preset)
+                "refit_shrink_to": "shrink_to", "refit_rounds": "refit_rounds"}  # preset key -> Bench.run keyword (every key of every preset)
 
 
 def shrink_key(refit: str | None, shrink: float | None, shrink_to: str | None) -> tuple | None:
